@@ -1,0 +1,199 @@
+"""Lightning callbacks of a training run: TAO-named atomic checkpoints, status.json lines, RNG state for resume."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from grounding_dino.status import StatusWriter
+
+CHECKPOINT_FILENAME = "model_epoch_{epoch:03d}_step_{step:05d}"
+LATEST_LINK = "gdino_model_latest.pth"
+
+
+def _replace_atomically(write, path: str | os.PathLike) -> None:
+    """Call `write(tmp_path)` on a hidden file beside `path`, then rename it over `path`.
+
+    A crash or SIGKILL mid-write leaves at most a hidden `.*.tmp` file, never a truncated file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _symlink_atomically(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Point `link` at `target` (relative link) by renaming a fresh link over the old one: readers always find
+    a link, unlike Lightning's remove-then-create."""
+    relative = os.path.relpath(target, os.path.dirname(link))
+    _replace_atomically(lambda tmp: (os.remove(tmp), os.symlink(relative, tmp)), link)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temp file in the checkpoint's folder, fsync, then rename (Lightning's own save goes
+    through fsspec, whose temp file may live on another filesystem, so the final move is not atomic)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        _replace_atomically(write, path)
+
+
+class GDinoCheckpoint(ModelCheckpoint):
+    """Keeps every checkpoint as `model_epoch_XXX_step_YYYYY.pth`, points `gdino_model_latest.pth` at the newest,
+    and also saves (and links) one when training dies with an exception."""
+
+    FILE_EXTENSION = ".pth"
+    CHECKPOINT_NAME_LAST = "gdino_model_latest"
+
+    def __init__(self, dirpath: str | os.PathLike, *, every_n_epochs: Optional[int] = None,
+                 every_n_train_steps: Optional[int] = None):
+        super().__init__(
+            dirpath=dirpath,
+            filename=CHECKPOINT_FILENAME,
+            auto_insert_metric_name=False,
+            save_top_k=-1,
+            save_last="link",
+            every_n_epochs=every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+            # validation may not run every epoch (validation_interval), so never wait for it to save
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+
+    @staticmethod
+    def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            _symlink_atomically(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.global_step == 0 or trainer.global_step == self._last_global_step_saved:
+            return  # nothing trained since the last checkpoint
+        path = os.path.join(
+            self.dirpath, CHECKPOINT_FILENAME.format(epoch=trainer.current_epoch, step=trainer.global_step)
+        ) + self.FILE_EXTENSION
+        if trainer.world_size > 1:
+            # Other ranks may be dead or stuck, so skip Trainer.save_checkpoint's barriers; a sharded (FSDP) state
+            # would need them to gather, so it is not saved.
+            if type(trainer.strategy).__name__ == "FSDPStrategy":
+                rank_zero_warn("training failed under FSDP: no checkpoint is saved on exception")
+                return
+            if trainer.is_global_zero:
+                trainer.strategy.checkpoint_io.save_checkpoint(
+                    trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path
+                )
+                _symlink_atomically(path, os.path.join(self.dirpath, LATEST_LINK))
+            return
+        trainer.save_checkpoint(path)
+        self._link_checkpoint(trainer, path, os.path.join(self.dirpath, LATEST_LINK))
+
+
+class RngState(Callback):
+    """Saves the Python, NumPy and torch RNG states in each checkpoint and restores them on resume, so a resumed
+    run draws the same data order, augmentations and drop-path masks as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            # stored as a tensor: checkpoints are read with torch.load(weights_only=True), which refuses numpy arrays
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StatusLogger(Callback):
+    """Writes TAO-style status.json lines (rank 0): STARTED, one RUNNING line per epoch with timing and KPIs,
+    then SUCCESS or FAILURE."""
+
+    KPI_KEYS = ("train_loss", "val_loss", "val_mAP", "val_mAP50")
+
+    def __init__(self, results_dir: str | os.PathLike, num_epochs: int):
+        self.path = Path(results_dir) / "status.json"
+        self.num_epochs = num_epochs
+        self.writer: Optional[StatusWriter] = None
+        self._epoch_start = 0.0
+        self._step_at_epoch_start = 0
+        self._epoch_times: list[float] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # The rank is known only once the strategy has set up its environment, which precedes this hook.
+        self.writer = StatusWriter(self.path, enabled=trainer.is_global_zero)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.writer.write("STARTED", "Starting training loop.", epoch=trainer.current_epoch,
+                          max_epoch=self.num_epochs, max_step=trainer.estimated_stepping_batches)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch_start = time.monotonic()
+        self._step_at_epoch_start = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        elapsed = time.monotonic() - self._epoch_start
+        steps = max(trainer.global_step - self._step_at_epoch_start, 1)
+        self._epoch_times.append(elapsed)
+        remaining = self.num_epochs - (trainer.current_epoch + 1)
+        mean_epoch = sum(self._epoch_times) / len(self._epoch_times)
+        metrics = trainer.callback_metrics
+        kpi = {key: metrics[key] for key in self.KPI_KEYS if key in metrics}
+        if trainer.optimizers:
+            kpi["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.writer.write(
+            "RUNNING",
+            f"Epoch {trainer.current_epoch} finished.",
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            max_epoch=self.num_epochs,
+            max_step=trainer.estimated_stepping_batches,
+            time_per_epoch=str(timedelta(seconds=elapsed)),
+            time_per_step=str(timedelta(seconds=elapsed / steps)),
+            eta=str(timedelta(seconds=mean_epoch * max(remaining, 0))),
+            kpi=kpi,
+        )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.writer.write("SUCCESS", "Training finished successfully.", epoch=trainer.current_epoch,
+                          step=trainer.global_step)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.writer is None:  # failed before setup
+            self.writer = StatusWriter(self.path, enabled=trainer.is_global_zero)
+        self.writer.write("FAILURE", f"Training failed: {type(exception).__name__}: {exception}",
+                          verbosity="ERROR", epoch=trainer.current_epoch, step=trainer.global_step)

@@ -1,0 +1,89 @@
+"""status.json: the JSON-lines progress file every action writes (NVIDIA TAO's format).
+
+One JSON object per line: `date` (M/D/YYYY), `time` (H:M:S), `status` (STARTED/RUNNING/SUCCESS/FAILURE/SKIPPED),
+`verbosity`, `message`, then any extra fields (epoch lines: epoch, step, max_epoch, ...) and an optional `kpi` dict.
+Only global rank 0 writes; the caller says which rank it is. No torch import, so any action can reuse it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "SKIPPED")
+VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class StatusWriter:
+    """Appends status lines to `<results_dir>/status.json`.
+
+    Each line goes out in one `write` on an O_APPEND descriptor, so a reader never sees half a line and a crash
+    loses at most the line being written.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(
+        self,
+        status: str = "RUNNING",
+        message: Optional[str] = None,
+        *,
+        verbosity: str = "INFO",
+        kpi: Optional[Mapping[str, Any]] = None,
+        **fields: Any,
+    ) -> Optional[dict]:
+        """Write one line; returns the record written (None on ranks that do not write)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if verbosity not in VERBOSITIES:
+            raise ValueError(f"verbosity must be one of {VERBOSITIES}, got {verbosity!r}")
+        if not self.enabled:
+            return None
+        now = datetime.now()
+        record: dict = {
+            "date": f"{now.month}/{now.day}/{now.year}",
+            "time": f"{now.hour}:{now.minute}:{now.second}",
+            "status": status,
+            "verbosity": verbosity,
+        }
+        if message:
+            record["message"] = message
+        record.update({k: _plain(v) for k, v in fields.items()})
+        if kpi:
+            record["kpi"] = {k: _plain(v) for k, v in kpi.items()}
+        line = json.dumps(record, allow_nan=False) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        return record
+
+
+def read_status(path: str | os.PathLike) -> list[dict]:
+    """Parse a status.json file into its records (raises ValueError naming the first bad line)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from err
+    return records
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalars: tensors and numpy numbers become Python numbers, NaN/Inf become null."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
