@@ -1,0 +1,288 @@
+"""Data sources: turn what a spec points at (local paths, s3:// URIs, image archives) into local paths.
+
+A job's child process calls `resolve_data_sources` before the action runs; the spec it hands to the action then
+holds only local files and folders. Everything lands in one cache folder (default `<workspace>/cache/`):
+  s3/<bucket>/<key...>      objects and prefixes downloaded with boto3
+  archives/<sha256>/        archives extracted once, keyed by content
+
+Archives are checked member by member before a single byte is written, because `tarfile`'s own filters stop at
+the first bad member and leave the earlier ones on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
+
+from sdk.errors import SkillBankError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+
+
+class DataSourceError(SkillBankError):
+    """A data source that cannot be fetched or unpacked safely."""
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def is_s3(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("s3://")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# archives
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why `member` may not be extracted, or None when it is safe."""
+    name = member.name
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        return "path with '..'"
+    if member.isdev() or member.isfifo():
+        return "device or fifo"
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        return f"unsupported member type {member.type!r}"
+    if member.issym() or member.islnk():
+        target = member.linkname
+        if not target or target.startswith("/"):
+            return f"link to absolute path {target!r}"
+        # A symlink resolves relative to its own folder, a hard link relative to the archive root.
+        base = PurePosixPath(name).parent if member.issym() else PurePosixPath(".")
+        depth = 0
+        for part in (base / target).parts:
+            if part == "..":
+                depth -= 1
+            elif part not in (".", ""):
+                depth += 1
+            if depth < 0:
+                return f"link escaping the archive ({target!r})"
+    return None
+
+
+def check_archive(path: Path) -> list[tarfile.TarInfo]:
+    """Every member of the archive, or DataSourceError naming the first unsafe one. Writes nothing."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, OSError) as exc:
+        raise DataSourceError(f"{path}: not a readable tar archive ({exc}). Fix: give a .tar/.tar.gz of the images.")
+    for member in members:
+        problem = _member_problem(member)
+        if problem:
+            raise DataSourceError(
+                f"{path}: refused the whole archive, member {member.name!r} is unsafe ({problem}). "
+                "Fix: rebuild the archive with relative paths inside one folder and no links or devices."
+            )
+    return members
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_archive(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """Extract `path` once into `<cache_dir>/archives/<sha256>/` and return that folder.
+
+    Safe under concurrency: each caller extracts into its own temp folder and renames it into place; a caller
+    that loses the race discards its copy and uses the winner's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataSourceError(f"{path}: archive not found. Fix: check the path in the spec.")
+    root = Path(cache_dir) / "archives"
+    final = root / _sha256(path)
+    if final.is_dir():
+        return final
+    check_archive(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            # The "data" filter repeats our checks and also drops setuid bits and odd permissions.
+            tar.extractall(tmp, filter="data")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# S3
+
+
+def _safe_target(dest: Path, relative: str) -> Path:
+    """`dest / relative`, refusing anything that would land outside `dest`."""
+    parts = PurePosixPath(relative).parts
+    if not relative or relative.startswith("/") or ".." in parts or "." in parts:
+        raise DataSourceError(
+            f"S3 key part {relative!r} would be written outside {dest}; refused. "
+            "Fix: rename the object so its key has no '..', '.' or leading '/' components."
+        )
+    return dest.joinpath(*parts)
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise DataSourceError(f"{uri}: no bucket name. Fix: use s3://bucket/prefix.")
+    return bucket, key
+
+
+def fetch_s3(uri: str, cache_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+    """Download an object or every object under a prefix into `<cache_dir>/s3/<bucket>/<key>`; return the path.
+
+    boto3's credential chain and AWS_ENDPOINT_URL(_S3) decide where it connects; credentials are never logged.
+    Files already cached with the same size are not downloaded again.
+    """
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _split_uri(uri)
+    bucket_dir = Path(cache_dir) / "s3" / bucket
+    client = boto3.client("s3")
+    prefix = key.rstrip("/")
+    try:
+        objects = _list_prefix(client, bucket, f"{prefix}/" if prefix else "")
+        if objects:
+            dest = _safe_target(bucket_dir, prefix) if prefix else bucket_dir
+            for obj_key, size in objects:
+                _download(client, bucket, obj_key, _safe_target(dest, obj_key[len(prefix) + 1 if prefix else 0:]),
+                          size)
+            log(f"data source {uri}: {len(objects)} object(s) in {dest}")
+            return dest
+        if not prefix:
+            raise DataSourceError(f"{uri}: the bucket is empty. Fix: check the bucket name and its contents.")
+        head = client.head_object(Bucket=bucket, Key=prefix)
+        target = _safe_target(bucket_dir, prefix)
+        _download(client, bucket, prefix, target, head["ContentLength"])
+        log(f"data source {uri}: 1 object in {target}")
+        return target
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise DataSourceError(f"{uri}: S3 request failed ({code}). Fix: check the URI and that your credentials "
+                              "can read it (AWS_PROFILE / AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).") from None
+    except BotoCoreError as exc:
+        raise DataSourceError(f"{uri}: cannot reach S3 ({type(exc).__name__}). Fix: check AWS_ENDPOINT_URL, the "
+                              "region and the credential settings.") from None
+
+
+def _list_prefix(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                found.append((obj["Key"], obj["Size"]))
+    return found
+
+
+def _download(client, bucket: str, key: str, target: Path, size: int) -> None:
+    if target.is_file() and target.stat().st_size == size:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    client.download_file(bucket, key, str(tmp))
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec walking
+
+
+def expand_key(spec: dict, dotted: str) -> list[str]:
+    """Concrete dotted paths for a key; `a.b[*].c` expands over every item of the list `a.b`."""
+    if "[*]" not in dotted:
+        return [dotted]
+    head, _, tail = dotted.partition("[*]")
+    items = _get(spec, head)
+    if not isinstance(items, list):
+        return []
+    out = []
+    for i in range(len(items)):
+        out.extend(expand_key(spec, f"{head}[{i}]{tail}"))
+    return out
+
+
+def _get(spec: Any, dotted: str) -> Any:
+    node = spec
+    for part in _parts(dotted):
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return None
+    return node
+
+
+def _set(spec: Any, dotted: str, value: Any) -> None:
+    parts = _parts(dotted)
+    node = spec
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _parts(dotted: str) -> list:
+    parts: list = []
+    for piece in dotted.split("."):
+        name, *indexes = piece.split("[")
+        if name:
+            parts.append(name)
+        parts.extend(int(i.rstrip("]")) for i in indexes)
+    return parts
+
+
+def spec_paths(spec: dict) -> Iterable[tuple[str, str]]:
+    """Every (dotted path, string value) leaf of the spec, list items included."""
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}.{k}" if prefix else k)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from walk(v, f"{prefix}[{i}]")
+        elif isinstance(node, str):
+            yield prefix, node
+    yield from walk(spec, "")
+
+
+def resolve_data_sources(spec: dict, extract_keys: Iterable[str], cache_dir: str | os.PathLike,
+                         log: Callable[[str], None] = print) -> dict:
+    """Fetch every s3:// value in `spec`, then extract archives at the `extract_keys` (runtime: extracted_folder).
+
+    Returns the spec with local paths in place (the input is modified and returned).
+    """
+    for dotted, value in list(spec_paths(spec)):
+        if is_s3(value):
+            _set(spec, dotted, str(fetch_s3(value, cache_dir, log)))
+    for pattern in extract_keys:
+        for dotted in expand_key(spec, pattern):
+            value = _get(spec, dotted)
+            values = value if isinstance(value, list) else [value]
+            local = []
+            for item in values:
+                if isinstance(item, str) and is_archive(item) and Path(item).is_file():
+                    folder = extract_archive(item, cache_dir)
+                    log(f"data source {dotted}: extracted {item} into {folder}")
+                    item = str(folder)
+                local.append(item)
+            _set(spec, dotted, local if isinstance(value, list) else local[0])
+    return spec
