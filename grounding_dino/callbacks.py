@@ -1,6 +1,7 @@
 """Lightning callbacks of a training run: TAO-named atomic checkpoints, status.json lines, RNG state for resume."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -11,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -197,3 +199,23 @@ class StatusLogger(Callback):
             self.writer = StatusWriter(self.path, enabled=trainer.is_global_zero)
         self.writer.write("FAILURE", f"Training failed: {type(exception).__name__}: {exception}",
                           verbosity="ERROR", epoch=trainer.current_epoch, step=trainer.global_step)
+
+
+class WriteSpec(Callback):
+    """Writes the spec that runs as experiment.yaml (rank 0, atomically), with the encryption key left out."""
+
+    def __init__(self, path: str | os.PathLike, cfg):
+        self.path = Path(path)
+        self.cfg = cfg
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        spec = dataclasses.asdict(self.cfg)
+        spec["encryption_key"] = None
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                yaml.safe_dump(spec, f, sort_keys=False)
+
+        _replace_atomically(write, self.path)

@@ -1,0 +1,143 @@
+"""The train action: a Lightning run built from the spec's train section.
+
+`run_training(cfg)` is what `grounding_dino train -e spec.yaml` and the job runner call (through
+`grounding_dino.actions.get_action("train")`). Under DDP, Lightning relaunches the same command line once per extra
+local rank, so everything here runs in every rank; files are written by global rank 0 only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+from grounding_dino.callbacks import AtomicCheckpointIO, GDinoCheckpoint, RngState, StatusLogger, WriteSpec
+from grounding_dino.config import ExperimentConfig, TrainConfig, WandbConfig
+from grounding_dino.data import build_dataloader
+from grounding_dino.lightning_module import GroundingDINOModule, freeze
+
+log = logging.getLogger(__name__)
+
+PRECISION = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def train_results_dir(cfg: ExperimentConfig) -> Path:
+    """`train.results_dir`, else `<results_dir>/train`."""
+    if cfg.train.results_dir:
+        return Path(cfg.train.results_dir)
+    if cfg.results_dir:
+        return Path(cfg.results_dir) / "train"
+    raise ValueError("set results_dir (or train.results_dir): training needs a folder for checkpoints and logs")
+
+
+def _devices(train: TrainConfig):
+    """(accelerator, devices): the GPUs in gpu_ids on CUDA; on CPU, num_gpus processes (DDP over gloo)."""
+    if not torch.cuda.is_available():
+        return "cpu", train.num_gpus
+    if len(train.gpu_ids) == train.num_gpus:
+        return "gpu", list(train.gpu_ids)
+    if list(train.gpu_ids) == [0]:  # the default: take the first num_gpus GPUs
+        return "gpu", list(range(train.num_gpus))
+    raise ValueError(f"train.gpu_ids {list(train.gpu_ids)} lists {len(train.gpu_ids)} GPUs but train.num_gpus is "
+                     f"{train.num_gpus}: make them agree")
+
+
+def _strategy(train: TrainConfig, accelerator: str, devices):
+    processes = (len(devices) if isinstance(devices, list) else devices) * train.num_nodes
+    if train.distributed_strategy == "fsdp":
+        if accelerator != "gpu":
+            raise ValueError("train.distributed_strategy 'fsdp' needs CUDA GPUs and none is visible here; "
+                             "use 'ddp' on CPU")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(state_dict_type="full")
+    return "ddp" if processes > 1 else "auto"
+
+
+def _loggers(results_dir: Path, wandb: WandbConfig) -> list[Logger]:
+    loggers: list[Logger] = [TensorBoardLogger(save_dir=str(results_dir), name="tensorboard", version="")]
+    if wandb.enable:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(project=wandb.project, entity=wandb.entity, tags=list(wandb.tags),
+                                       name=wandb.name, id=wandb.run_id, save_code=wandb.save_code,
+                                       reinit=wandb.reinit, sync_tensorboard=wandb.sync_tensorboard,
+                                       save_dir=str(results_dir)))
+        except ModuleNotFoundError as err:
+            raise ValueError("wandb.enable is true but the wandb package is not installed: "
+                             "pip install wandb, or set wandb.enable false") from err
+    return loggers
+
+
+def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[Callback] = ()) -> Trainer:
+    train = cfg.train
+    accelerator, devices = _devices(train)
+    unit = {"epoch": "every_n_epochs", "step": "every_n_train_steps"}[train.checkpoint_interval_unit]
+    torch.backends.cudnn.benchmark = train.cudnn.benchmark
+    return Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=train.num_nodes,
+        strategy=_strategy(train, accelerator, devices),
+        precision=PRECISION[train.precision],
+        max_epochs=train.num_epochs,
+        check_val_every_n_epoch=train.validation_interval,
+        gradient_clip_val=train.clip_grad_norm or None,
+        gradient_clip_algorithm="norm",
+        deterministic=train.cudnn.deterministic or None,
+        fast_dev_run=1 if train.is_dry_run else False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(results_dir),
+        logger=_loggers(results_dir, cfg.wandb),
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            GDinoCheckpoint(results_dir, **{unit: train.checkpoint_interval}),
+            RngState(),
+            StatusLogger(results_dir, train.num_epochs),
+            WriteSpec(results_dir / "experiment.yaml", cfg),
+            LearningRateMonitor(logging_interval="epoch"),
+            *callbacks,
+        ],
+    )
+
+
+def build_module(cfg: ExperimentConfig) -> GroundingDINOModule:
+    """The module with pretrained weights loaded (unless resuming, where the checkpoint supplies them) and
+    train.freeze applied."""
+    module = GroundingDINOModule(cfg)
+    if cfg.train.pretrained_model_path and not cfg.train.resume_training_checkpoint_path:
+        from grounding_dino.model.checkpoint import load_weights
+
+        report = load_weights(module.model, cfg.train.pretrained_model_path)
+        log.info("loaded train.pretrained_model_path %s: %s", cfg.train.pretrained_model_path, report)
+    frozen = freeze(module.model, cfg.train.freeze)
+    if frozen:
+        log.info("train.freeze froze %d parameter tensors", len(frozen))
+    return module
+
+
+def run_training(cfg: ExperimentConfig, callbacks: Optional[Sequence[Callback]] = None) -> int:
+    """Train as the spec says; returns 0. Extra Lightning callbacks (e.g. an AutoML pruner) may be passed."""
+    resume = cfg.train.resume_training_checkpoint_path
+    if resume and not os.path.isfile(resume):
+        raise FileNotFoundError(f"train.resume_training_checkpoint_path {resume} does not exist")
+    if cfg.train.pretrained_model_path and not os.path.exists(cfg.train.pretrained_model_path):
+        raise FileNotFoundError(f"train.pretrained_model_path {cfg.train.pretrained_model_path} does not exist")
+    results_dir = train_results_dir(cfg)
+    seed_everything(cfg.train.seed, workers=True)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg, results_dir, callbacks or ())
+    tokenizer = module.model.tokenizer
+    trainer.fit(
+        module,
+        train_dataloaders=build_dataloader(cfg, "train", tokenizer=tokenizer),
+        val_dataloaders=build_dataloader(cfg, "val", tokenizer=tokenizer),
+        ckpt_path=resume or None,
+    )
+    return 0
