@@ -1,0 +1,173 @@
+"""The Optuna study behind an AutoML job: storage, sampler and pruner, and the trial budget shared by workers.
+
+Storage: SQLite in the job folder by default; any RDB URL (postgresql://..., sqlite:///...) or a `.journal` file
+(several processes on one machine). Several workers may share a study, so the budget (`automl.max_trials`) is
+counted from the storage, never per process.
+
+Trials left RUNNING by a dead process are failed and re-enqueued with the same parameters. Two mechanisms find
+them: each trial records its owner (host, pid) so a worker on the same host sees at once that the owner is gone
+(this covers SQLite and journal files, and a restart right after a crash); RDB storages also keep Optuna's
+heartbeat, which finds dead workers on other hosts once `grace_period` has passed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from sdk.errors import SpecError
+
+DEFAULT_DB = "automl_study.db"
+# Trial user attributes.
+OWNER_ATTR = "automl_owner"  # {host, pid} of the worker running the trial
+SURPLUS_ATTR = "automl_surplus"  # set on a trial refused because the budget was already full
+PARAMS_ATTR = "spec_params"  # the spec values a trial ran with (a weighted choice is a uniform draw in Optuna)
+CHECKPOINT_ATTR = "checkpoint"  # file name, inside the trial folder, of the trial's best checkpoint
+ERROR_ATTR = "error"  # why a trial failed
+HEARTBEAT_INTERVAL = 60
+
+
+def open_storage(url: Optional[str], root: Path, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                 grace_period: Optional[int] = None) -> optuna.storages.BaseStorage:
+    """The storage named by `automl.storage` (None: SQLite `<root>/automl_study.db`)."""
+    if url is None:
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+    if url.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise SpecError.single("automl.storage", url, "expected a database URL (sqlite:///path.db, "
+                                                      "postgresql://user@host/db) or a path ending in .journal")
+    engine_kwargs: Dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Workers and the heartbeat thread write concurrently; wait for SQLite's lock instead of failing at once.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    with warnings.catch_warnings():
+        # Heartbeats have been "experimental" since Optuna 2.8; they are the documented way to find dead workers.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+        )
+
+
+def redact(url: Optional[str]) -> Optional[str]:
+    """A storage URL safe to print: any password replaced by ***."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url) if url else url
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# algorithms: automl.algorithm -> (sampler, pruner)
+
+
+def _tpe(seed: Optional[int], epochs: int):
+    return optuna.samplers.TPESampler(seed=seed), optuna.pruners.NopPruner()
+
+
+def _bayesian(seed: Optional[int], epochs: int):
+    missing = [name for name in ("torch", "scipy") if not _importable(name)]
+    if missing:
+        raise SpecError.single("automl.algorithm", "bayesian", f"Optuna's GPSampler needs {' and '.join(missing)}; "
+                                                               "pip install them or use algorithm tpe")
+    return optuna.samplers.GPSampler(seed=seed), optuna.pruners.NopPruner()
+
+
+def _hyperband(seed: Optional[int], epochs: int):
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    return optuna.samplers.TPESampler(seed=seed), pruner
+
+
+def _random(seed: Optional[int], epochs: int):
+    return optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
+
+
+ALGORITHMS: Dict[str, Callable[[Optional[int], int], Tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]]]
+ALGORITHMS = {"tpe": _tpe, "bayesian": _bayesian, "hyperband": _hyperband, "random": _random}
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: int) -> optuna.Study:
+    """Create the study, or load it when it exists (a restart or another worker): finished trials are kept."""
+    if algorithm not in ALGORITHMS:
+        raise SpecError.single("automl.algorithm", algorithm, f"allowed: {', '.join(ALGORITHMS)}")
+    sampler, pruner = ALGORITHMS[algorithm](seed, epochs)
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# owners, dead trials and the budget
+
+
+def owner() -> Dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study, storage) -> list[int]:
+    """Fail RUNNING trials whose owner process on this host is gone and enqueue their parameters again.
+
+    Returns the numbers of the trials failed here (another worker may fail the same trial first; then it is not).
+    """
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = trial.user_attrs.get(OWNER_ATTR)
+        if not who or who["host"] != host or _alive(who["pid"]):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
+def counts_against_budget(trial: FrozenTrial, retried: set) -> bool:
+    """Whether `trial` takes one of automl.max_trials: finished, running or queued, unless it is a dead trial
+    that was re-enqueued (its retry takes the place) or a surplus trial refused for an already full study."""
+    if trial.user_attrs.get(SURPLUS_ATTR):
+        return False
+    if trial.state == TrialState.FAIL:
+        return trial.number not in retried
+    return True
+
+
+def budget_used(trials: Iterable[FrozenTrial], before: Optional[int] = None) -> int:
+    """Budget taken by `trials` (those numbered below `before`, when given: the order in which concurrent workers
+    claim slots, so the worker whose trial comes after a full budget knows it is surplus)."""
+    trials = list(trials)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    return sum(counts_against_budget(t, retried) for t in trials if before is None or t.number < before)
