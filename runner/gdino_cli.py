@@ -1,0 +1,100 @@
+"""`grounding_dino <action> -e spec.yaml [key=value ...]`: the TAO-compatible command line.
+
+The spec is merged onto the action's defaults, overrides are applied, and the result is validated before anything
+runs. On bad input every problem is printed (key path, bad value, what is allowed), nothing is written, and the exit
+code is 2. On good input the resolved spec is written as `experiment.yaml` into the action's results folder and the
+backend action (`grounding_dino.actions.get_action(action)`) runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from grounding_dino import config as gd_config
+from sdk.errors import SkillBankError, SpecError
+from sdk.skill_info import load_skill_info
+from sdk.spec import dump_spec, resolve_spec, validate
+
+EPILOG = """\
+overrides:
+  key=value pairs applied after the spec file, with YAML value rules (3 is an integer, 1e-4 a float, true/false,
+  null, [1, 2] a list). Keys are dotted paths with list indexes, e.g.
+    train.num_epochs=20 dataset.train_data_sources[0].json_file=/data/train_odvg.jsonl
+  An index may be at most the list's length (that appends one item). Short names: {shorthand}.
+
+exit codes: 0 success, 1 the action failed or is not available, 2 bad spec or arguments (nothing written).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    info = load_skill_info()
+    shorthand = ", ".join(f"{k} ({v})" for k, v in info.shorthand.items())
+    parser = argparse.ArgumentParser(
+        prog="grounding_dino",
+        description="Grounding DINO (open-vocabulary, text-prompted object detection): run one action on a spec.",
+        epilog=EPILOG.format(shorthand=shorthand),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                    help=", ".join(gd_config.ACTIONS))
+    for name in gd_config.ACTIONS:
+        sub = actions.add_parser(
+            name, help=f"run {name}", description=f"Grounding DINO {name}. Template: "
+            f"{info.action(name).template.relative_to(info.root)}",
+            epilog=EPILOG.format(shorthand=shorthand), formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("-e", "--experiment_spec_file", "--experiment-spec-file", dest="spec", type=Path,
+                         help="spec YAML (TAO format); omitted = the action's defaults plus the overrides")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides (see below)")
+    return parser
+
+
+def results_folder(spec: dict, action: str) -> Path:
+    """`<action>.results_dir` when set, else `<results_dir>/<action>` (validation guarantees one of them)."""
+    own = (spec.get(action) or {}).get("results_dir")
+    return Path(own) if own else Path(spec["results_dir"]) / action
+
+
+def find_backend(action: str) -> Tuple[Optional[Callable], str]:
+    """The backend callable for `action`, or None and the reason it cannot run."""
+    try:
+        from grounding_dino import actions
+    except ModuleNotFoundError as exc:
+        if exc.name != "grounding_dino.actions":
+            raise
+        return None, "the backend action registry grounding_dino/actions.py does not exist yet"
+    try:
+        return actions.get_action(action), ""
+    except Exception as exc:  # the registry's own error says which action and why
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = f"grounding_dino {args.action}"
+    try:
+        spec = resolve_spec(args.action, args.spec, args.overrides)
+        validate(spec, args.action)
+        config = gd_config.load_experiment(spec)
+    except SpecError as exc:
+        print(f"{prog}: {exc}\nNothing was written. Fix the problems above and run again.", file=sys.stderr)
+        return exc.exit_code
+    except gd_config.ConfigError as exc:
+        print(f"{prog}: {exc}\nNothing was written.", file=sys.stderr)
+        return SkillBankError.exit_code
+    except SkillBankError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    run, reason = find_backend(args.action)
+    if run is None:
+        print(f"{prog}: the {args.action} action is not available yet ({reason}); nothing was run.", file=sys.stderr)
+        return 1
+    folder = results_folder(spec, args.action)
+    dump_spec(gd_config.to_dict(config), folder / "experiment.yaml")
+    return int(run(config) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
