@@ -1,0 +1,152 @@
+"""build_dataset: spec → sources read and checked → GroundingDataset. Every structural error surfaces here."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+from ..config import ExperimentConfig
+from .coco import read_coco
+from .dataset import GroundingDataset, TrainCaptions
+from .errors import BoxAudit, DataError, DataWarning
+from .odvg import read_label_map, read_odvg
+from .records import Record, store_records
+from .tokens import TokenBudget
+from .transforms import build_transforms
+
+SPLITS = {
+    "train": "train_data_sources",
+    "val": "val_data_sources",
+    "test": "test_data_sources",
+    "calibration": "quant_calibration_data_sources",
+}
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def build_dataset(
+    cfg: ExperimentConfig,
+    split: str,
+    *,
+    tokenizer=None,
+    train: Optional[bool] = None,
+    input_size: Optional[Tuple[int, int]] = None,
+) -> GroundingDataset:
+    """The dataset of `split` ("train", "val", "test" or "calibration").
+
+    train: training transforms and sampled captions; defaults to split == "train".
+    tokenizer: a CaptionTokenizer; when given, captions are checked against its max_text_len.
+    input_size: (width, height) for a fixed evaluation input (e.g. an exported model's); default keeps the aspect
+        ratio with the shorter side at dataset.augmentation.test_random_resize.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    train = split == "train" if train is None else train
+    data = cfg.dataset
+    key = f"dataset.{SPLITS[split]}"
+    audit = BoxAudit()
+    if split == "train":
+        records, vocabularies = _read_train_sources(data.train_data_sources, audit, key)
+    else:
+        source = getattr(data, SPLITS[split])
+        _check_paths(key, source.json_file, source.image_dir)
+        if not source.json_file.endswith(".json"):
+            raise DataError(f"{key}.json_file: {source.json_file} must be a COCO .json file")
+        records, names = read_coco(source.json_file, source.image_dir, audit, source=0, contiguous_ids=True)
+        vocabularies = [tuple(names)]
+    if not records:
+        raise DataError(f"{key}: the annotations list no images")
+    audit.warn()
+
+    transforms = build_transforms(data.augmentation, train, input_size)
+    pad_size = _pad_size(transforms, records) if data.augmentation.fixed_padding else None
+    common = dict(transforms=transforms, seed=cfg.train.seed, pad_size=pad_size)
+    if split == "train":
+        budget = _train_budget(tokenizer, records, vocabularies, data.max_labels) if tokenizer else None
+        return GroundingDataset(store_records(records, data.dataset_type), vocabularies,
+                                captions=TrainCaptions(data.max_labels, budget), **common)
+    if tokenizer is not None:
+        _warn_long_eval_caption(tokenizer, list(vocabularies[0]), key)
+    return GroundingDataset(store_records(records, data.dataset_type), vocabularies, phrases=list(vocabularies[0]),
+                            coco_file=getattr(data, SPLITS[split]).json_file, **common)
+
+
+def _read_train_sources(sources, audit: BoxAudit, key: str):
+    if not sources:
+        raise DataError(f"{key} is empty; add at least one {{image_dir, json_file, label_map}}")
+    records: List[Record] = []
+    vocabularies: List[Optional[Tuple[str, ...]]] = []
+    for i, source in enumerate(sources):
+        skey = f"{key}[{i}]"
+        _check_paths(skey, source.json_file, source.image_dir)
+        if source.json_file.endswith(".jsonl"):
+            label_map = read_label_map(source.label_map, skey) if source.label_map else None
+            part, vocabulary = read_odvg(source.json_file, source.image_dir, label_map, audit, skey, source=i)
+        elif source.json_file.endswith(".json"):
+            if source.label_map:
+                raise DataError(f"{skey}.label_map: a COCO json_file names its own categories; remove label_map")
+            part, vocabulary = read_coco(source.json_file, source.image_dir, audit, source=i, contiguous_ids=False)
+        else:
+            raise DataError(f"{skey}.json_file: {source.json_file} must be ODVG (.jsonl) or COCO (.json)")
+        records += part
+        vocabularies.append(tuple(vocabulary) if vocabulary is not None else None)
+    return records, vocabularies
+
+
+def _check_paths(key: str, json_file: Optional[str], image_dir: Optional[str]) -> None:
+    if not json_file:
+        raise DataError(f"{key}.json_file is not set")
+    if not image_dir:
+        raise DataError(f"{key}.image_dir is not set")
+    if not os.path.isfile(json_file):
+        raise DataError(f"{key}.json_file: {json_file} does not exist")
+    if os.path.isfile(image_dir) and image_dir.endswith(ARCHIVES):
+        raise DataError(f"{key}.image_dir: {image_dir} is an archive; extract it and set image_dir to the folder")
+    if not os.path.isdir(image_dir):
+        raise DataError(f"{key}.image_dir: {image_dir} is not a folder")
+
+
+def _pad_size(transforms, records: Sequence[Record]) -> Tuple[int, int]:
+    """The largest (h, w) the transforms can produce from the dataset's image sizes."""
+    shapes = set().union(*(transforms.reachable(h, w) for h, w in {(r["height"], r["width"]) for r in records}))
+    return max(h for h, _ in shapes), max(w for _, w in shapes)
+
+
+def _box_names(record: Record, vocabularies) -> List[str]:
+    table = record["phrases"] if record["phrases"] is not None else vocabularies[record["source"]]
+    return sorted({table[label] for label in record["labels"]})
+
+
+def _train_budget(tokenizer, records: Sequence[Record], vocabularies, max_labels: int) -> TokenBudget:
+    """Raise when one image's own names cannot fit max_text_len; warn when sampled negatives will be trimmed."""
+    names = {n for v in vocabularies if v for n in v} | {p for r in records if r["phrases"] for p in r["phrases"]}
+    budget = TokenBudget.from_tokenizer(tokenizer, names)
+    longest = [sorted((budget.costs[n] for n in set(v)), reverse=True) if v else [] for v in vocabularies]
+    may_trim = 0
+    for record in records:
+        positives = _box_names(record, vocabularies)
+        need = budget.count(positives)
+        if need > budget.limit:
+            raise DataError(
+                f"{record['where']}: the {len(positives)} names of this image's boxes need {need} tokens, more than "
+                f"model.max_text_len {budget.limit}; shorten the names or split the image's annotations"
+            )
+        worst = longest[record["source"]] if record["phrases"] is None else []
+        if need + sum(worst[:max(max_labels - len(positives), 0)]) > budget.limit:
+            may_trim += 1
+    if may_trim:
+        warnings.warn(
+            f"{may_trim} of {len(records)} training images may get captions longer than max_text_len "
+            f"{budget.limit} tokens with dataset.max_labels {max_labels}; their sampled negative names are trimmed "
+            "to fit", DataWarning, stacklevel=3,
+        )
+    return budget
+
+
+def _warn_long_eval_caption(tokenizer, names: List[str], key: str) -> None:
+    budget = TokenBudget.from_tokenizer(tokenizer, names)
+    need = budget.count(names)
+    if need > budget.limit:
+        warnings.warn(
+            f"{key}: the caption of all {len(names)} category names needs {need} tokens, more than max_text_len "
+            f"{budget.limit}; categories past the limit cannot be detected", DataWarning, stacklevel=3,
+        )

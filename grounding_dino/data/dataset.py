@@ -1,0 +1,131 @@
+"""The dataset: an annotation record → (normalised image tensor, target with caption, phrases and spans)."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .captions import build_caption, sample_names
+from .errors import DataError
+from .records import Record
+from .tokens import TokenBudget
+
+
+class TrainCaptions:
+    """Per image: the names of its boxes plus sampled negatives from its source's vocabulary, shuffled.
+
+    Grounding records have no vocabulary, so their caption is their own unique phrases, shuffled.
+    """
+
+    def __init__(self, max_labels: int, budget: Optional[TokenBudget] = None):
+        self.max_labels = max_labels
+        self.budget = budget
+
+    def __call__(self, box_names: List[str], negatives: Sequence[str], rng) -> List[str]:
+        fits = self.budget.fits if self.budget is not None else None
+        names, _ = sample_names(box_names, negatives, self.max_labels, rng, fits)
+        return names
+
+
+class GroundingDataset(Dataset):
+    """Items are (image FloatTensor[3,H,W], target) with target keys boxes (normalised cxcywh), labels (index into
+    phrases), phrases, caption, spans, image_id, orig_size (h, w) and size (h, w after the transforms).
+
+    vocabularies: per source, the names that record labels index (None where records carry their own phrases).
+    phrases: a fixed caption for every image (val/test: all categories in id order); None samples one per image.
+    pad_size: (h, w) the loader pads every batch to, or None to pad to the batch maximum.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        vocabularies: Sequence[Optional[Tuple[str, ...]]],
+        transforms,
+        seed: int,
+        captions: Optional[TrainCaptions] = None,
+        phrases: Optional[List[str]] = None,
+        pad_size: Optional[Tuple[int, int]] = None,
+        coco_file: Optional[str] = None,
+    ):
+        if (captions is None) == (phrases is None):
+            raise ValueError("give exactly one of captions (sampled per image) and phrases (fixed caption)")
+        self.records = records
+        self.vocabularies = list(vocabularies)
+        self.negatives = [tuple(sorted(set(v))) if v else () for v in self.vocabularies]
+        self.transforms = transforms
+        self.seed = seed
+        self.captions = captions
+        self.phrases = phrases
+        self.pad_size = pad_size
+        self.coco_file = coco_file
+        self._coco_gt = None
+        # Shared memory, so workers forked before set_epoch (persistent_workers) still see the new epoch.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary sampling and augmentation per epoch; call at the start of every training epoch."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def coco_gt(self):
+        """The ground truth as a faster_coco_eval COCO object (val/test/calibration), loaded on first use."""
+        if self.coco_file is None:
+            raise AttributeError("coco_gt exists only for COCO val/test/calibration datasets")
+        if self._coco_gt is None:
+            from faster_coco_eval import COCO
+
+            self._coco_gt = COCO(self.coco_file)
+        return self._coco_gt
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        rng = np.random.default_rng([self.seed, int(self._epoch), index])
+        target = {"boxes": record["boxes"], "labels": record["labels"]}
+        image, target = self.transforms(load_image(record), target, rng)
+        phrases, labels = self._caption_names(record, target["labels"], rng)
+        caption, spans = build_caption(phrases)
+        h, w = image.shape[-2:]
+        return image, {
+            "boxes": _normalized_cxcywh(target["boxes"], w, h),
+            "labels": torch.as_tensor(labels, dtype=torch.int64),
+            "phrases": phrases,
+            "caption": caption,
+            "spans": spans,
+            "image_id": int(record["image_id"]),
+            "orig_size": torch.tensor([record["height"], record["width"]], dtype=torch.int64),
+            "size": torch.tensor([h, w], dtype=torch.int64),
+        }
+
+    def _caption_names(self, record: Record, labels: np.ndarray, rng) -> Tuple[List[str], List[int]]:
+        if self.phrases is not None:
+            return self.phrases, labels.tolist()
+        own = record["phrases"] is not None
+        table = record["phrases"] if own else self.vocabularies[record["source"]]
+        box_names = [table[label] for label in labels]
+        names = self.captions(box_names, () if own else self.negatives[record["source"]], rng)
+        position = {name: i for i, name in enumerate(names)}
+        return names, [position[name] for name in box_names]
+
+
+def load_image(record: Record) -> Image.Image:
+    with Image.open(record["file"]) as opened:
+        image = opened.convert("RGB")
+    if image.size != (record["width"], record["height"]):
+        raise DataError(
+            f"{record['where']}: image {record['file']} is {image.width}x{image.height} pixels but the annotation "
+            f"says {record['width']}x{record['height']} (width x height); fix the annotation's width/height"
+        )
+    return image
+
+
+def _normalized_cxcywh(boxes: np.ndarray, w: int, h: int) -> torch.Tensor:
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    cxcywh = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+    return cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)

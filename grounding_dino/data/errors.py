@@ -1,0 +1,56 @@
+"""How bad data is reported: structural problems raise, bad boxes are dropped and counted."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Optional, Sequence, Tuple
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained or evaluated on as it is (raised before training starts)."""
+
+
+class DataWarning(UserWarning):
+    """Data that was repaired or partly ignored (dropped boxes, trimmed negatives)."""
+
+
+class BoxAudit:
+    """Clamps boxes to their image, drops degenerate ones, and summarises the drops in one warning."""
+
+    def __init__(self):
+        self.dropped: Counter = Counter()
+        self.first: Optional[str] = None
+
+    def clean(self, box: Sequence[float], width: int, height: int, where: str) -> Optional[Tuple[float, ...]]:
+        """Return the box (x1, y1, x2, y2) clamped to the image, or None when it has to be dropped.
+
+        `where` names the record ("file a.jsonl line 7") for errors and for the summary line.
+        """
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and v == v for v in box):
+            raise DataError(f"{where}: bbox must be 4 numbers [x1, y1, x2, y2], got {list(box)!r}")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if x2 <= x1 or y2 <= y1:
+            return self._drop("zero-area", where)
+        x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+        y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+        if x2 <= x1 or y2 <= y1:
+            return self._drop("outside image", where)
+        return x1, y1, x2, y2
+
+    def _drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        if self.first is None:
+            self.first = where
+        return None
+
+    def summary(self) -> Optional[str]:
+        total = sum(self.dropped.values())
+        if not total:
+            return None
+        parts = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+        return f"dropped {total} box{'es' if total != 1 else ''}: {parts} (first: {self.first})"
+
+    def warn(self) -> None:
+        message = self.summary()
+        if message:
+            warnings.warn(message, DataWarning, stacklevel=3)
