@@ -16,9 +16,10 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from sdk.errors import SkillBankError
+from sdk.spec import expand_key, set_path
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
@@ -206,50 +207,6 @@ def _download(client, bucket: str, key: str, target: Path, size: int) -> None:
 # spec walking
 
 
-def expand_key(spec: dict, dotted: str) -> list[str]:
-    """Concrete dotted paths for a key; `a.b[*].c` expands over every item of the list `a.b`."""
-    if "[*]" not in dotted:
-        return [dotted]
-    head, _, tail = dotted.partition("[*]")
-    items = _get(spec, head)
-    if not isinstance(items, list):
-        return []
-    out = []
-    for i in range(len(items)):
-        out.extend(expand_key(spec, f"{head}[{i}]{tail}"))
-    return out
-
-
-def _get(spec: Any, dotted: str) -> Any:
-    node = spec
-    for part in _parts(dotted):
-        if isinstance(part, int):
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-        else:
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
-            return None
-    return node
-
-
-def _set(spec: Any, dotted: str, value: Any) -> None:
-    parts = _parts(dotted)
-    node = spec
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def _parts(dotted: str) -> list:
-    parts: list = []
-    for piece in dotted.split("."):
-        name, *indexes = piece.split("[")
-        if name:
-            parts.append(name)
-        parts.extend(int(i.rstrip("]")) for i in indexes)
-    return parts
-
-
 def spec_paths(spec: dict) -> Iterable[tuple[str, str]]:
     """Every (dotted path, string value) leaf of the spec, list items included."""
     def walk(node, prefix):
@@ -264,6 +221,25 @@ def spec_paths(spec: dict) -> Iterable[tuple[str, str]]:
     yield from walk(spec, "")
 
 
+def data_source_keys(declared: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten an action's skill_info data sources into {spec key pattern: SourceFile (file, runtime)}.
+
+    A section with `fields` yields `section.field`, or `section[*].field` when it is a list of sections.
+    """
+    flat = {}
+    for key, source in (declared or {}).items():
+        if source.file is not None:
+            flat[key] = source.file
+        for name, source_file in source.fields.items():
+            flat[f"{key}{'[*]' if source.list else ''}.{name}"] = source_file
+    return flat
+
+
+def extracted_keys(declared: Mapping[str, Any]) -> list[str]:
+    """The key patterns whose archives are unpacked before the action runs (runtime: extracted_folder)."""
+    return [k for k, f in data_source_keys(declared).items() if f.runtime == "extracted_folder"]
+
+
 def resolve_data_sources(spec: dict, extract_keys: Iterable[str], cache_dir: str | os.PathLike,
                          log: Callable[[str], None] = print) -> dict:
     """Fetch every s3:// value in `spec`, then extract archives at the `extract_keys` (runtime: extracted_folder).
@@ -272,17 +248,19 @@ def resolve_data_sources(spec: dict, extract_keys: Iterable[str], cache_dir: str
     """
     for dotted, value in list(spec_paths(spec)):
         if is_s3(value):
-            _set(spec, dotted, str(fetch_s3(value, cache_dir, log)))
+            set_path(spec, dotted, str(fetch_s3(value, cache_dir, log)))
     for pattern in extract_keys:
-        for dotted in expand_key(spec, pattern):
-            value = _get(spec, dotted)
-            values = value if isinstance(value, list) else [value]
-            local = []
-            for item in values:
-                if isinstance(item, str) and is_archive(item) and Path(item).is_file():
-                    folder = extract_archive(item, cache_dir)
-                    log(f"data source {dotted}: extracted {item} into {folder}")
-                    item = str(folder)
-                local.append(item)
-            _set(spec, dotted, local if isinstance(value, list) else local[0])
+        for dotted, value in expand_key(spec, pattern):
+            if isinstance(value, list):
+                set_path(spec, dotted, [_extracted(v, dotted, cache_dir, log) for v in value])
+            elif isinstance(value, str):
+                set_path(spec, dotted, _extracted(value, dotted, cache_dir, log))
     return spec
+
+
+def _extracted(value: Any, key: str, cache_dir, log) -> Any:
+    if not (isinstance(value, str) and is_archive(value) and Path(value).is_file()):
+        return value
+    folder = extract_archive(value, cache_dir)
+    log(f"data source {key}: extracted {value} into {folder}")
+    return str(folder)

@@ -6,7 +6,8 @@ skill_info.yaml's `spec_params` names, per action, which function fills which sp
 Job folder facts used here (see sdk/jobs.py): `<job>/spec.yaml` is the spec that ran, `<job>/results/` the
 results root; an action writes to `<action>.results_dir` if set, else `<results_dir>/<action>`, so artifacts are
 looked up in `results/<action>/` and `results/` (both layouts exist). An AutoML train job keeps its winner in
-`best_model/` next to `best_automl.json` ({"checkpoint": path relative to that file, "params": {dotted: value}}).
+`best_model/` with `best_automl.json` ({"checkpoint": file name in best_model/, "params": {dotted: value}}), as
+runner/automl/driver.py writes them.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from sdk.errors import SkillBankError
+from sdk.spec import get_path, set_path
 
 KEEP: Any = object()  # a mapping's "leave the request's value as it is"
 CHECKPOINT_RE = re.compile(r"^model_epoch_(\d+)_step_(\d+)\.pth$")
 LATEST_LINK = "gdino_model_latest.pth"
+BEST_MODEL = "best_model"
 BEST_AUTOML = "best_automl.json"
 ENCRYPTION_KEY_ENV = "SKILLBANK_ENCRYPTION_KEY"
 
@@ -156,12 +159,12 @@ def pick_checkpoint(checkpoints: list[Checkpoint], where: str, epoch: Optional[i
 
 
 def _automl_best(parent: ParentJob) -> Optional[tuple[Path, dict]]:
-    """(folder holding best_automl.json, its content) for an AutoML train parent, else None."""
+    """(best_model folder, best_automl.json content) of an AutoML train parent, else None."""
     for root in _result_roots(parent.job_dir, parent.action, parent.spec):
-        path = root / BEST_AUTOML
+        path = root / BEST_MODEL / BEST_AUTOML
         if path.is_file():
             try:
-                return root, json.loads(path.read_text())
+                return path.parent, json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise MappingError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}).") from None
     return None
@@ -187,13 +190,13 @@ def parent_artifact(parent: ParentJob, key: str, epoch: Optional[int] = None, st
                                "Fix: use an export (or gen_trt_engine) job as the parent.")
         best = _automl_best(parent)
         if best is not None:
-            root, info = best
+            folder, info = best
             if info.get("checkpoint") and epoch is None and step is None:
-                path = (root / info["checkpoint"]).resolve()
+                path = folder / info["checkpoint"]
                 if not path.is_file():
-                    raise MappingError(f"{root / BEST_AUTOML} names {info['checkpoint']}, which does not exist.")
+                    raise MappingError(f"{folder / BEST_AUTOML} names {info['checkpoint']}, which does not exist.")
                 return path
-            return pick_checkpoint(find_checkpoints(root / "best_model"), f"{where}, best_model/", epoch, step)
+            return pick_checkpoint(find_checkpoints(folder), f"{where}, {BEST_MODEL}/", epoch, step)
         if parent.job.get("automl_policy") == "on":
             raise MappingError(f"{where} ran AutoML but has no {BEST_AUTOML} (did it finish?). "
                                "Fix: wait for it, or pass the model path explicitly.")
@@ -247,14 +250,14 @@ def output_dir(ctx: MappingContext, key: str) -> Any:
 @register("create_onnx_file")
 def create_onnx_file(ctx: MappingContext, key: str) -> Any:
     folder = action_results_dir(ctx.spec, ctx.action) or ctx.job_dir / "results"
-    requested = _get(ctx.spec, key)
+    requested = get_path(ctx.spec, key, None)
     name = Path(requested).name if isinstance(requested, str) and requested.endswith(".onnx") else "model.onnx"
     return str(folder / name)
 
 
 @register("key")
 def key(ctx: MappingContext, key: str) -> Any:
-    value = _get(ctx.spec, key)
+    value = get_path(ctx.spec, key, None)
     return value if value else ctx.env.get(ENCRYPTION_KEY_ENV) or None
 
 
@@ -268,7 +271,7 @@ def apply_mappings(ctx: MappingContext, spec_params: Mapping[str, str]) -> list[
     for dotted, name in order:
         value = get_mapping(name)(ctx, dotted)
         if value is not KEEP:
-            _set(ctx.spec, dotted, value)
+            set_path(ctx.spec, dotted, value)
             filled.append(dotted)
     return filled
 
@@ -286,7 +289,7 @@ def parent_settings(parent: ParentJob) -> dict:
         return parent.spec
     spec = json.loads(json.dumps(parent.spec))
     for dotted, value in (best[1].get("params") or {}).items():
-        _set(spec, dotted, value)
+        set_path(spec, dotted, value)
     return spec
 
 
@@ -305,52 +308,16 @@ def carry_forward(action: str, spec: dict, user_spec: dict, parent: ParentJob) -
                   for d in ("input_width", "input_height")]
     conflicts, carried = [], []
     for src, dst in pairs:
-        theirs = _get(source, src, missing=KEEP)
+        theirs = get_path(source, src, KEEP)
         if theirs is KEEP:
             continue
-        ours = _get(user_spec, dst, missing=KEEP)
+        ours = get_path(user_spec, dst, KEEP)
         if ours is not KEEP and ours != theirs and dst not in CARRIED_KEYS:
             conflicts.append(f"{dst}={ours!r} (parent {src}={theirs!r})")
         elif ours is KEEP:
-            _set(spec, dst, theirs)
+            set_path(spec, dst, theirs)
             carried.append(dst)
     if conflicts:
         raise MappingError(f"the request contradicts parent job {parent.id}'s model: {'; '.join(conflicts)}. "
                            "Fix: drop these keys (they are carried from the parent) or use a matching parent.")
     return carried
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# dotted paths (list indexes allowed: a.b[0].c)
-
-
-def _parts(dotted: str) -> list:
-    parts: list = []
-    for piece in dotted.split("."):
-        name, *indexes = piece.split("[")
-        if name:
-            parts.append(name)
-        parts.extend(int(i.rstrip("]")) for i in indexes)
-    return parts
-
-
-def _get(spec: Any, dotted: str, missing: Any = None) -> Any:
-    node = spec
-    for part in _parts(dotted):
-        if isinstance(part, int) and isinstance(node, list) and part < len(node):
-            node = node[part]
-        elif isinstance(part, str) and isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return missing
-    return node
-
-
-def _set(spec: Any, dotted: str, value: Any) -> None:
-    parts = _parts(dotted)
-    node = spec
-    for part, following in zip(parts[:-1], parts[1:]):
-        if isinstance(node, dict) and node.get(part) is None:
-            node[part] = [] if isinstance(following, int) else {}
-        node = node[part]
-    node[parts[-1]] = value

@@ -1,0 +1,425 @@
+"""Jobs: one folder per request under `<workspace>/jobs/<job_id>/`, run by a child process.
+
+The folder holds `job.json` (the record below), `spec.yaml` (the resolved spec), `log.txt` (the child's stdout
+and stderr) and `results/` (the action's results_dir). A request is checked completely (spec, parent, mappings,
+AutoML policy, preflight) before the folder exists, so a bad request leaves nothing behind.
+
+States: pending -> running -> done | error | canceled. The child `python -m runner.job_process <job_dir>`
+supervises a worker process and records how it ended; if the child itself dies, the next status read notices
+its pid is gone and marks the job error. job.json is replaced atomically and changed under a file lock, and a
+final state is never overwritten (a cancel racing a finishing job keeps whichever landed first).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from sdk import mappings, preflight
+from sdk.automl_policy import AutomlDecision, decide as decide_automl
+from sdk.errors import SkillBankError
+from sdk.skill_info import load_skill_info
+from sdk.spec import apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, validate
+
+STATES = ("pending", "running", "done", "error", "canceled")
+FINAL = ("done", "error", "canceled")
+REQUEST_KEYS = ("parent_epoch", "parent_step")  # request settings given like overrides, not spec keys
+SECRET_KEYS = ("encryption_key",)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of job.json."""
+
+    id: str
+    action: str
+    status: str
+    path: Path
+    record: dict
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.record.get("error")
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path / "results"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# job.json
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_job(job_dir: Path) -> dict:
+    return json.loads((Path(job_dir) / "job.json").read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(job_dir: Path):
+    with open(Path(job_dir) / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def update_job(job_dir: Path, restart: bool = False, **changes: Any) -> dict:
+    """Merge `changes` into job.json under the lock. A final status stays final unless `restart`."""
+    job_dir = Path(job_dir)
+    with _locked(job_dir):
+        record = read_job(job_dir)
+        if record["status"] in FINAL and not restart:
+            changes = {k: v for k, v in changes.items() if k not in ("status", "error", "finished_at")}
+        record.update(changes)
+        record["updated_at"] = now()
+        _write_atomic(job_dir / "job.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return record
+
+
+def last_log_lines(job_dir: Path, count: int = 5) -> list[str]:
+    path = Path(job_dir) / "log.txt"
+    if not path.is_file():
+        return []
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 8192))
+        lines = fh.read().decode("utf-8", "replace").splitlines()
+    return [line for line in lines if line.strip()][-count:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processes
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The kernel's start time of `pid` (tells a live job from a recycled pid), None if unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _alive(pid: int, start_time: Optional[str]) -> bool:
+    if Path("/proc").is_dir():
+        current = _start_time(pid)
+        return current is not None and (start_time is None or current == start_time)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the SDK
+
+
+class SkillBank:
+    """Create, run and follow jobs of one model family in a workspace folder.
+
+    cache_dir: where fetched S3 data and extracted archives are kept (default `<workspace>/cache`).
+    """
+
+    def __init__(self, workspace: str | os.PathLike, *, model: str = "grounding_dino",
+                 cache_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None):
+        self.workspace = Path(workspace).resolve()
+        self.jobs_dir = self.workspace / "jobs"
+        self.cache_dir = Path(cache_dir).resolve() if cache_dir else self.workspace / "cache"
+        self.model = model
+        self.info = load_skill_info(model, root)
+        self._children: dict[str, subprocess.Popen] = {}
+
+    # -- creating ------------------------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        action: str,
+        spec: str | os.PathLike | dict | None = None,
+        overrides: dict | list[str] | None = None,
+        parent_job_id: Optional[str] = None,
+        automl_policy: Optional[str] = None,
+        request: Optional[str] = None,
+        parent_epoch: Optional[int] = None,
+        parent_step: Optional[int] = None,
+        start: bool = True,
+    ) -> Job:
+        """Check a request completely, write its job folder and (by default) start it.
+
+        overrides: {dotted key: value} or ["key=value", ...]; shorthand keys (num_epochs, ...) work, and
+        `parent_epoch` / `parent_step` pick the parent's checkpoint. request: the user's words, read for
+        automl_policy phrases ("turn off AutoML"). Raises SkillBankError before writing anything.
+        """
+        action_info = self.info.action(action)
+        overrides, asked = _split_request(overrides)
+        parent_epoch = parent_epoch if parent_epoch is not None else asked.get("parent_epoch")
+        parent_step = parent_step if parent_step is not None else asked.get("parent_step")
+        if (parent_epoch is not None or parent_step is not None) and not parent_job_id:
+            raise SkillBankError("parent_epoch / parent_step select a checkpoint of the parent job; give --parent.")
+        parent = self._parent(parent_job_id) if parent_job_id else None
+
+        user_spec = apply_overrides(load_spec(spec) if spec is not None else {}, overrides, self.info.shorthand)
+        resolved = resolve_spec(action, spec, overrides)
+        deploy = action_info.deploy is not None and parent is not None and parent.action == "gen_trt_engine"
+        spec_params = action_info.deploy.spec_params if deploy else action_info.spec_params
+        validate(resolved, action, filled_by_mappings=frozenset(spec_params))
+        decision = self._automl(action, automl_policy, request)
+
+        while True:
+            job_id = f"{action}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+            job_dir = self.jobs_dir / job_id
+            spec_out = json.loads(json.dumps(resolved))
+            carried = mappings.carry_forward(action, spec_out, user_spec, parent) if parent else []
+            context = mappings.MappingContext(action, spec_out, job_dir, parent, parent_epoch, parent_step)
+            filled = mappings.apply_mappings(context, spec_params)
+            self._check_outputs(spec_out, action, job_dir)
+            warnings: list[str] = []
+            preflight.check(spec_out, action, action_info.inputs, action_info.data_sources,
+                            parent_spec=mappings.parent_settings(parent) if parent else None, warn=warnings.append)
+            secret = {k: spec_out.pop(k) for k in SECRET_KEYS if spec_out.get(k)}
+            spec_out.update({k: None for k in secret})
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(job_dir)  # atomic: two creators never share a folder
+                break
+            except FileExistsError:
+                continue
+
+        (job_dir / "results").mkdir()
+        dump_spec(spec_out, job_dir / "spec.yaml")
+        (job_dir / "log.txt").write_text("".join(f"[preflight] {w}\n" for w in warnings))
+        record = {
+            "id": job_id, "skill": self.model, "action": action, "parent_job_id": parent_job_id,
+            "status": "pending", "created_at": now(), "started_at": None, "finished_at": None,
+            "pid": None, "pid_start": None, "exit_code": None, "error": None,
+            "automl_policy": decision.policy, "automl_policy_source": decision.source,
+            "overrides": _redacted(overrides), "request": request, "deploy": deploy,
+            "parent_epoch": parent_epoch, "parent_step": parent_step,
+            "mapped": filled, "carried": carried, "warnings": warnings,
+            "cache_dir": str(self.cache_dir), "has_encryption_key": bool(secret),
+        }
+        _write_atomic(job_dir / "job.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if start:
+            return self.start(job_id, _secret=secret)
+        return self._job(job_dir)
+
+    def _automl(self, action: str, explicit: Optional[str], request: Optional[str]) -> AutomlDecision:
+        train = self.info.actions.get("train")
+        return decide_automl(
+            action, explicit=explicit, request_text=request, automl_enabled=self.info.automl_enabled,
+            required_files=[train.schema, train.template] if train else [],
+        )
+
+    def _parent(self, job_id: str) -> mappings.ParentJob:
+        job_dir = self._dir(job_id)
+        record = self.status(job_id).record
+        if record["status"] in ("pending", "running"):
+            raise SkillBankError(f"parent job {job_id} is {record['status']}; wait for it (skillbank job wait "
+                                 f"{job_id}) before starting a job from its results.")
+        spec = yaml.safe_load((job_dir / "spec.yaml").read_text()) or {}
+        return mappings.ParentJob(job_dir, record, spec)
+
+    def _check_outputs(self, spec: dict, action: str, job_dir: Path) -> None:
+        """Every path the action writes must be inside the job folder."""
+        keys = ["results_dir", f"{action}.results_dir"] + [k for k in self.info.action(action).outputs
+                                                           if k != "results_dir"]
+        for key in keys:
+            value = get_path(spec, key, None)
+            if not value:
+                continue
+            path = Path(value)
+            if not path.is_absolute() or not path.resolve().is_relative_to(job_dir.resolve()):
+                raise SkillBankError(f"{key} = {value!r} is outside the job folder; a job writes only inside "
+                                     f"<workspace>/jobs/<id>/. Fix: remove {key} from the request (the SDK sets it).")
+
+    # -- running -------------------------------------------------------------------------------------------------
+
+    def start(self, job_id: str, _secret: Optional[dict] = None) -> Job:
+        """Launch a pending job, or restart an error/canceled one in its folder (train resumes from its newest
+        checkpoint: resume_model and ptm_if_no_resume_model are resolved again)."""
+        job_dir = self._dir(job_id)
+        record = self.status(job_id).record
+        if record["status"] not in ("pending", "error", "canceled"):
+            raise SkillBankError(f"job {job_id} is {record['status']}; only pending, error or canceled jobs start.")
+        if record["status"] != "pending":
+            self._reresolve(job_dir, record)
+        env = dict(os.environ)
+        secret = _secret or {}
+        if secret.get("encryption_key"):
+            env[mappings.ENCRYPTION_KEY_ENV] = secret["encryption_key"]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(job_dir / "log.txt", "ab") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "runner.job_process", str(job_dir)], cwd=job_dir, env=env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._children[job_id] = child
+        update_job(job_dir, pid=child.pid, pid_start=_start_time(child.pid))
+        return self._job(job_dir)
+
+    def _reresolve(self, job_dir: Path, record: dict) -> None:
+        spec = yaml.safe_load((job_dir / "spec.yaml").read_text()) or {}
+        action_info = self.info.action(record["action"])
+        params = {k: v for k, v in action_info.spec_params.items() if v in ("resume_model", "ptm_if_no_resume_model")}
+        mappings.apply_mappings(mappings.MappingContext(record["action"], spec, job_dir), params)
+        dump_spec(spec, job_dir / "spec.yaml")
+        update_job(job_dir, restart=True, status="pending", error=None, exit_code=None, finished_at=None,
+                   cancel_requested=False, pid=None, pid_start=None)
+
+    # -- following -----------------------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> Job:
+        """The job's record; a job whose process is gone without recording an outcome is marked error."""
+        job_dir = self._dir(job_id)
+        record = read_job(job_dir)
+        child = self._children.get(job_id)
+        if child is not None and child.poll() is not None:
+            self._children.pop(job_id)
+        if record["status"] in ("pending", "running") and record.get("pid"):
+            gone = child.returncode is not None if child is not None else not _alive(record["pid"],
+                                                                                     record.get("pid_start"))
+            if gone:
+                record = read_job(job_dir)  # it may have finished between the two reads
+                if record["status"] not in FINAL:
+                    code = child.returncode if child is not None else None
+                    how = f" ({_describe_exit(code)})" if code is not None else ""
+                    record = update_job(job_dir, status="error", finished_at=now(), exit_code=code, error=(
+                        f"the job process {record['pid']} exited without recording a result{how}; last log lines: "
+                        + " | ".join(last_log_lines(job_dir))))
+        return Job(record["id"], record["action"], record["status"], job_dir, record)
+
+    def logs(self, job_id: str, tail: Optional[int] = None) -> str:
+        text = (self._dir(job_id) / "log.txt").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-tail:]) + "\n" if tail else text
+
+    def list_jobs(self) -> list[Job]:
+        if not self.jobs_dir.is_dir():
+            return []
+        jobs = [self.status(p.name) for p in self.jobs_dir.iterdir() if (p / "job.json").is_file()]
+        return sorted(jobs, key=lambda j: j.record["created_at"])
+
+    def wait(self, job_id: str, timeout: Optional[float] = None, poll_s: float = 0.2) -> Job:
+        """Block until the job is done, error or canceled (or `timeout` seconds pass); returns its record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.status(job_id)
+            if job.status in FINAL or (deadline is not None and time.monotonic() >= deadline):
+                return job
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str, grace_s: float = 5.0) -> Job:
+        """SIGTERM the job's process group, SIGKILL it after `grace_s`, and mark the job canceled."""
+        job = self.status(job_id)
+        if job.status in FINAL:
+            return job
+        record = update_job(job.path, cancel_requested=True)
+        pid = record.get("pid")
+        if pid and _alive(pid, record.get("pid_start")):
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while self._running(job_id, pid, record) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self._running(job_id, pid, record):
+                _signal_group(pid, signal.SIGKILL)
+                while self._running(job_id, pid, record):
+                    time.sleep(0.05)
+        update_job(job.path, status="canceled", finished_at=now(), error=None)
+        self._children.pop(job_id, None)
+        return self.status(job_id)
+
+    def _running(self, job_id: str, pid: int, record: dict) -> bool:
+        child = self._children.get(job_id)
+        if child is not None:
+            return child.poll() is None
+        return _alive(pid, record.get("pid_start"))
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _dir(self, job_id: str) -> Path:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            raise SkillBankError(f"{job_id!r} is not a job id.")
+        job_dir = self.jobs_dir / job_id
+        if not (job_dir / "job.json").is_file():
+            raise SkillBankError(f"no job {job_id!r} in {self.jobs_dir}. Fix: `skillbank job list` shows the ids.")
+        return job_dir
+
+    def _job(self, job_dir: Path) -> Job:
+        record = read_job(job_dir)
+        return Job(record["id"], record["action"], record["status"], job_dir, record)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _split_request(overrides: dict | list[str] | None) -> tuple[dict | list[str], dict]:
+    """Separate request settings (parent_epoch, parent_step) from spec overrides."""
+    asked: dict = {}
+    if overrides is None:
+        return {}, asked
+    if isinstance(overrides, dict):
+        rest = {k: v for k, v in overrides.items() if k not in REQUEST_KEYS}
+        asked = {k: overrides[k] for k in REQUEST_KEYS if k in overrides}
+    else:
+        rest = []
+        for text in overrides:
+            key, value = parse_override(text)
+            if key in REQUEST_KEYS:
+                asked[key] = value
+            else:
+                rest.append(text)
+    for key, value in asked.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SkillBankError(f"{key} = {value!r}: must be a non-negative integer.")
+    return rest, asked
+
+
+def _redacted(overrides: dict | list[str]) -> dict | list[str]:
+    def hidden(key: str) -> bool:
+        return key.split(".")[-1] in SECRET_KEYS
+    if isinstance(overrides, dict):
+        return {k: "<redacted>" if hidden(k) else v for k, v in overrides.items()}
+    return [f"{t.split('=', 1)[0]}=<redacted>" if hidden(t.split("=", 1)[0].strip()) else t for t in overrides]
+
+
+def describe(jobs: Iterable[Job]) -> list[str]:
+    """One line per job for listings."""
+    return [f"{j.id}  {j.status:<8}  {j.action:<14}  parent={j.record.get('parent_job_id') or '-'}" for j in jobs]
