@@ -167,3 +167,19 @@ def build_bert(folder: str) -> nn.Module:
         return AutoModel.from_pretrained(folder, add_pooling_layer=False)
     log.warning("%s holds no weights: the text encoder starts from random init.", folder)
     return AutoModel.from_config(AutoConfig.from_pretrained(folder), add_pooling_layer=False)
+
+
+def write_small_text_encoder(folder, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2) -> str:
+    """A random-init BERT folder (config + MiniLM's uncased vocab and tokenizer files) for CPU-sized configs and tests."""
+    import shutil
+
+    from transformers import BertConfig
+
+    source = Path(resolve_text_encoder(MINILM))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    BertConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+               intermediate_size=2 * hidden_size).save_pretrained(folder)
+    return str(folder)
