@@ -132,10 +132,10 @@ def extract_archive(path: str | os.PathLike, cache_dir: str | os.PathLike) -> Pa
 def _safe_target(dest: Path, relative: str) -> Path:
     """`dest / relative`, refusing anything that would land outside `dest`."""
     parts = PurePosixPath(relative).parts
-    if not relative or relative.startswith("/") or ".." in parts or "." in parts:
+    if not relative or relative.startswith("/") or ".." in parts:
         raise DataSourceError(
             f"S3 key part {relative!r} would be written outside {dest}; refused. "
-            "Fix: rename the object so its key has no '..', '.' or leading '/' components."
+            "Fix: rename the object so its key has no '..' or leading '/' components."
         )
     return dest.joinpath(*parts)
 
@@ -147,7 +147,8 @@ def _split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def fetch_s3(uri: str, cache_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
+def fetch_s3(uri: str, cache_dir: str | os.PathLike, log: Callable[[str], None] = print,
+             page_size: int = 1000) -> Path:
     """Download an object or every object under a prefix into `<cache_dir>/s3/<bucket>/<key>`; return the path.
 
     boto3's credential chain and AWS_ENDPOINT_URL(_S3) decide where it connects; credentials are never logged.
@@ -161,7 +162,7 @@ def fetch_s3(uri: str, cache_dir: str | os.PathLike, log: Callable[[str], None] 
     client = boto3.client("s3")
     prefix = key.rstrip("/")
     try:
-        objects = _list_prefix(client, bucket, f"{prefix}/" if prefix else "")
+        objects = _list_prefix(client, bucket, f"{prefix}/" if prefix else "", page_size)
         if objects:
             dest = _safe_target(bucket_dir, prefix) if prefix else bucket_dir
             for obj_key, size in objects:
@@ -185,9 +186,11 @@ def fetch_s3(uri: str, cache_dir: str | os.PathLike, log: Callable[[str], None] 
                               "region and the credential settings.") from None
 
 
-def _list_prefix(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
+def _list_prefix(client, bucket: str, prefix: str, page_size: int) -> list[tuple[str, int]]:
     found = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                             PaginationConfig={"PageSize": page_size})
+    for page in pages:
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
                 found.append((obj["Key"], obj["Size"]))
