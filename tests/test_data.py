@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -141,7 +140,8 @@ def test_missing_image_is_named_at_build_time(tmp_path):
 def test_unknown_label_is_named(tmp_path):
     lines = [odvg_line("a.jpg", [([1, 1, 9, 9], 0)]), odvg_line("b.jpg", [([1, 1, 9, 9], 1), ([2, 2, 8, 8], 7)])]
     cfg = config([write_source(tmp_path, lines)])
-    with pytest.raises(DataError, match=r"ann\.jsonl line 2: detection\.instances\[1\]\.label 7 is not in the label map"):
+    with pytest.raises(DataError, match=r"ann\.jsonl line 2: detection\.instances\[1\]\.label 7 is not in the "
+                                        r"label map"):
         build_dataset(cfg, "train")
 
 
@@ -170,7 +170,8 @@ def test_bad_boxes_are_dropped_with_one_summary_line(tmp_path):
 
 def test_coco_val_ids_must_be_zero_based_and_contiguous(tmp_path):
     val = write_coco(tmp_path, [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}], [])
-    with pytest.raises(DataError, match=r"val\.json: category ids must be 0-based and contiguous \(0\.\.1\) .*got \[1, 2\]"):
+    with pytest.raises(DataError, match=r"val\.json: category ids must be 0-based and contiguous \(0\.\.1\) "
+                                        r".*got \[1, 2\]"):
         build_dataset(config(val=val), "val")
 
 
@@ -197,7 +198,8 @@ def test_unset_or_archived_sources_are_named(tmp_path):
 def test_image_size_disagreeing_with_annotation_is_named(tmp_path):
     source = write_source(tmp_path, [odvg_line("a.jpg", [([1, 1, 9, 9], 0)], width=80)])
     ds = build_dataset(config([source]), "train")
-    with pytest.raises(DataError, match=r"ann\.jsonl line 1: image .*a\.jpg is 64x48 pixels but the annotation says 80x48"):
+    with pytest.raises(DataError, match=r"ann\.jsonl line 1: image .*a\.jpg is 64x48 pixels but the annotation "
+                                        r"says 80x48"):
         ds[0]
 
 
@@ -322,7 +324,8 @@ def test_crop_clips_boxes_and_drops_those_left_outside():
         assert 20 <= out.width <= 30 and 20 <= out.height <= 30
         assert len(cropped["boxes"]) == len(cropped["labels"])
         assert (cropped["boxes"][:, 2:] <= [out.width, out.height]).all() and (cropped["boxes"] >= 0).all()
-        assert ((cropped["boxes"][:, 2] > cropped["boxes"][:, 0]) & (cropped["boxes"][:, 3] > cropped["boxes"][:, 1])).all()
+        boxes = cropped["boxes"]
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
 
 
 @pytest.mark.parametrize("aug", [SMALL_AUG, {**SMALL_AUG, "fixed_random_crop": 80}])

@@ -45,7 +45,8 @@ def test_tao_layout(dataset):
         "train_image_dir": str(root / "train_datasets/images"),
         "train_json_file": str(root / "train_datasets/annotations_odvg.jsonl"),
         "label_map": str(root / "train_datasets/annotations_odvg_labelmap.json"),
-        "val_image_dir": str(root / "eval_dataset/images"), "val_json_file": str(root / "eval_dataset/annotations.json"),
+        "val_image_dir": str(root / "eval_dataset/images"),
+        "val_json_file": str(root / "eval_dataset/annotations.json"),
     }
 
 

@@ -15,7 +15,6 @@ import argparse
 import gzip
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
