@@ -95,23 +95,23 @@ def test_caption_spans_point_at_each_name_even_inside_an_earlier_name():
 
 def test_sampling_keeps_positives_fills_negatives_and_is_seeded():
     vocab = [f"name{i}" for i in range(20)]
-    names, trimmed = sample_names(["name3", "name7", "name3"], vocab, 6, np.random.default_rng(0))
-    assert len(names) == 6 and trimmed == 0 and {"name3", "name7"} <= set(names) and len(set(names)) == 6
-    again, _ = sample_names(["name7", "name3"], list(reversed(vocab)), 6, np.random.default_rng(0))
+    names = sample_names(["name3", "name7", "name3"], vocab, 6, np.random.default_rng(0))
+    assert len(names) == 6 and {"name3", "name7"} <= set(names) and len(set(names)) == 6
+    again = sample_names(["name7", "name3"], list(reversed(vocab)), 6, np.random.default_rng(0))
     assert again == names  # input order does not matter, only the rng
     many = [f"name{i}" for i in range(9)]
-    over, _ = sample_names(many, vocab, 4, np.random.default_rng(1))
+    over = sample_names(many, vocab, 4, np.random.default_rng(1))
     assert sorted(over) == sorted(many)  # positives are never dropped for max_labels
 
 
 def test_sampling_trims_negatives_to_fit():
-    names, trimmed = sample_names(["a"], ["b", "c", "d", "e"], 5, np.random.default_rng(0), lambda n: len(n) <= 3)
-    assert "a" in names and len(names) == 3 and trimmed == 2
+    names = sample_names(["a"], ["b", "c", "d", "e"], 5, np.random.default_rng(0), lambda n: len(n) <= 3)
+    assert "a" in names and len(names) == 3
 
 
 def test_sampling_does_not_depend_on_hash_seed():
     code = ("import numpy as np; from grounding_dino.data.captions import sample_names;"
-            "print(sample_names({'dog', 'cat', 'emu'}, {f'n{i}' for i in range(30)}, 8, np.random.default_rng(5))[0])")
+            "print(sample_names({'dog', 'cat', 'emu'}, {f'n{i}' for i in range(30)}, 8, np.random.default_rng(5)))")
     outputs = {
         subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
                        capture_output=True, text=True).stdout
@@ -200,6 +200,14 @@ def test_image_size_disagreeing_with_annotation_is_named(tmp_path):
     ds = build_dataset(config([source]), "train")
     with pytest.raises(DataError, match=r"ann\.jsonl line 1: image .*a\.jpg is 64x48 pixels but the annotation "
                                         r"says 80x48"):
+        ds[0]
+
+
+def test_unreadable_image_is_named(tmp_path):
+    source = write_source(tmp_path, [odvg_line("a.jpg", [([1, 1, 9, 9], 0)])])
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
+    ds = build_dataset(config([source]), "train")
+    with pytest.raises(DataError, match=r"ann\.jsonl line 1: cannot read image .*a\.jpg"):
         ds[0]
 
 

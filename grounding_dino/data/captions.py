@@ -38,23 +38,20 @@ def sample_names(
     max_labels: int,
     rng: np.random.Generator,
     fits: Optional[Callable[[List[str]], bool]] = None,
-) -> Tuple[List[str], int]:
+) -> List[str]:
     """The names of one training caption: every positive, then sampled negatives, in a shuffled order.
 
     Positives are never dropped; negatives (those not among the positives) fill up to `max_labels`. `fits`, when
     given, says whether a list of names fits the text encoder; negatives are trimmed until it does. Inputs are
     sorted first so the result depends only on the rng, never on set order (PYTHONHASHSEED).
-    Returns the names and how many sampled negatives were trimmed to fit.
     """
     names = sorted(set(positives))
     chosen = set(names)
     pool = sorted(set(negatives) - chosen)
     k = min(len(pool), max(max_labels - len(names), 0))
     sampled = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)] if k else []
-    trimmed = 0
     if fits is not None:
         while sampled and not fits(names + sampled):
             sampled.pop()
-            trimmed += 1
     names += sampled
-    return [names[i] for i in rng.permutation(len(names))], trimmed
+    return [names[i] for i in rng.permutation(len(names))]

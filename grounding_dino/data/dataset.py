@@ -26,8 +26,7 @@ class TrainCaptions:
 
     def __call__(self, box_names: List[str], negatives: Sequence[str], rng) -> List[str]:
         fits = self.budget.fits if self.budget is not None else None
-        names, _ = sample_names(box_names, negatives, self.max_labels, rng, fits)
-        return names
+        return sample_names(box_names, negatives, self.max_labels, rng, fits)
 
 
 class GroundingDataset(Dataset):
@@ -114,8 +113,11 @@ class GroundingDataset(Dataset):
 
 
 def load_image(record: Record) -> Image.Image:
-    with Image.open(record["file"]) as opened:
-        image = opened.convert("RGB")
+    try:
+        with Image.open(record["file"]) as opened:
+            image = opened.convert("RGB")
+    except OSError as e:
+        raise DataError(f"{record['where']}: cannot read image {record['file']}: {e}") from None
     if image.size != (record["width"], record["height"]):
         raise DataError(
             f"{record['where']}: image {record['file']} is {image.width}x{image.height} pixels but the annotation "

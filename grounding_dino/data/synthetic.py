@@ -53,7 +53,7 @@ def render(rng: np.random.Generator, names: Sequence[str], size: int, max_object
     for _ in range(int(rng.integers(1, max_objects + 1))):
         name = names[rng.integers(len(names))]
         color, shape = name.split(" ", 1)
-        side = int(rng.uniform(MIN_SIZE, MAX_SIZE) * size)
+        side = max(8, int(rng.uniform(MIN_SIZE, MAX_SIZE) * size))
         alpha = shape_mask(shape, side, rng.uniform(0, 2 * np.pi))
         rows, cols = np.nonzero(alpha >= 0.5)
         extent = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
