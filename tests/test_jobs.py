@@ -148,3 +148,31 @@ def test_cli(workspace, tiny_data, tmp_path, capsys):
     assert cli(base + ["job", "status", "nope"]) == 2
     assert cli(base + ["preflight", "--action", "train", "-e", str(spec)]) == 0
     assert "preflight train: OK" in capsys.readouterr().out
+
+
+
+def test_restart_resumes_from_the_jobs_own_checkpoint(workspace, tiny_data, monkeypatch, tmp_path):
+    ptm = tmp_path / "pretrained.pth"
+    ptm.write_bytes(b"w")
+    bank = SkillBank(workspace)
+    job = bank.create_job("train", spec=tiny_data["spec"], automl_policy="off", start=False,
+                          overrides={"train.pretrained_model_path": str(ptm)})
+    val = tiny_data["root"] / "val.json"
+    saved = val.read_bytes()
+    val.unlink()
+    bank.start(job.id)
+    assert bank.wait(job.id, timeout=60).status == "error"
+    # The data is back and the first run left a checkpoint: a restart resumes from it.
+    val.write_bytes(saved)
+    folder = job.path / "results" / "train"
+    folder.mkdir(parents=True)
+    (folder / "model_epoch_001_step_00002.pth").write_bytes(b"w")
+    monkeypatch.setenv("SKILLBANK_JOB_DELAY_S", "120")
+    bank.start(job.id)
+    assert _wait_for(lambda: bank.status(job.id).status == "running")
+    spec = (job.path / "spec.yaml").read_text()
+    assert str(folder / "model_epoch_001_step_00002.pth") in spec
+    assert str(ptm) not in spec  # resuming restores every weight: no pretrained model
+    with pytest.raises(SkillBankError, match="only pending, error or canceled"):
+        bank.start(job.id)
+    assert bank.cancel(job.id).status == "canceled"

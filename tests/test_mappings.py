@@ -163,3 +163,20 @@ def test_encryption_key_never_written(workspace, tiny_data, monkeypatch):
     for path in job.path.rglob("*"):
         if path.is_file():
             assert b"s3cr3t-k3y" not in path.read_bytes(), path
+
+
+def test_engine_parent_selects_the_deploy_mapping(workspace, tiny_data):
+    bank = SkillBank(workspace)
+    train = _finished_train(bank, tiny_data)
+    export = bank.create_job("export", parent_job_id=train.id, start=False)
+    update_job(export.path, status="done")
+    (export.path / "results").joinpath("model.onnx").write_bytes(b"onnx")
+    engine = bank.create_job("gen_trt_engine", parent_job_id=export.id, start=False)
+    (engine.path / "results" / "gen_trt_engine").mkdir(parents=True)
+    (engine.path / "results" / "gen_trt_engine" / "model.engine").write_bytes(b"plan")
+    update_job(engine.path, status="done")
+    child = bank.create_job("evaluate", spec=tiny_data["spec"], parent_job_id=engine.id, start=False)
+    spec = _spec(child)
+    assert child.record["deploy"] is True
+    assert spec["evaluate"]["trt_engine"] == str(engine.path / "results" / "gen_trt_engine" / "model.engine")
+    assert spec["evaluate"]["input_width"] == 960 and spec["model"]["num_queries"] == 900
