@@ -112,13 +112,14 @@ class GDinoCheckpoint(ModelCheckpoint):
                 )
                 _symlink_atomically(path, os.path.join(self.dirpath, LATEST_LINK))
             return
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self._link_checkpoint(trainer, path, os.path.join(self.dirpath, LATEST_LINK))
 
 
 class RngState(Callback):
-    """Saves the Python, NumPy and torch RNG states in each checkpoint and restores them on resume, so a resumed
-    run draws the same data order, augmentations and drop-path masks as an uninterrupted one."""
+    """Saves the Python, NumPy and torch RNG states in each checkpoint and restores them on resume, so a run
+    resumed from a mid-epoch checkpoint (step interval, exception) continues the same random stream until the next
+    epoch reseeds it (see ReproducibleEpochs)."""
 
     def state_dict(self) -> dict:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -139,6 +140,49 @@ class RngState(Callback):
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed Python, NumPy and torch from (seed, epoch, rank)."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    value = int(state[0]) << 32 | int(state[1])
+    random.seed(value)
+    np.random.seed(int(state[0]))
+    torch.manual_seed(value)
+
+
+class ReproducibleEpochs(Callback):
+    """Makes epoch e of a resumed run draw exactly what epoch e of an uninterrupted run drew.
+
+    * The global RNGs are reseeded from (seed, epoch, rank) at the first batch of every epoch, so random draws
+      made before it (a DataLoader iterator's base seed, which depends on whether the iterator was created fresh,
+      reused by persistent workers, or created during resume) cannot shift the model's random stream.
+    * The dataset's epoch (augmentation and caption sampling) is set before each epoch's iterator is created;
+      under DDP Lightning's DistributedSampler does not forward set_epoch to the dataset.
+    * Lightning 2.6 creates the first training iterator of a resumed run before it sets the sampler epoch, and
+      worker processes prefetch at creation, so that epoch would replay epoch 0's order (Lightning issue #21938).
+      The iterator is created again once the epoch is set.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._first_epoch = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._first_epoch = True
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(trainer.current_epoch)
+        if self._first_epoch and trainer.current_epoch > 0 and getattr(loader, "num_workers", 0) > 0:
+            iter(trainer.fit_loop._data_fetcher)
+        self._first_epoch = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            seed_epoch(self.seed, trainer.current_epoch, trainer.global_rank)
 
 
 class StatusLogger(Callback):
@@ -197,7 +241,8 @@ class StatusLogger(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.writer is None:  # failed before setup
             self.writer = StatusWriter(self.path, enabled=trainer.is_global_zero)
-        self.writer.write("FAILURE", f"Training failed: {type(exception).__name__}: {exception}",
+        reason = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
+        self.writer.write("FAILURE", f"Training failed: {reason}",
                           verbosity="ERROR", epoch=trainer.current_epoch, step=trainer.global_step)
 
 

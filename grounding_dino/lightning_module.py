@@ -75,10 +75,15 @@ SCHEDULERS: Dict[str, Callable[[torch.optim.Optimizer, OptimConfig], torch.optim
 
 
 class GroundingDINOModule(LightningModule):
-    def __init__(self, cfg: ExperimentConfig):
+    """backbone_pretrained: the backbone's weights come from a checkpoint (model.backbone_norm 'auto' then freezes
+    its norm layers). It is saved in every checkpoint so a resumed run rebuilds the same network."""
+
+    def __init__(self, cfg: ExperimentConfig, *, backbone_pretrained: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.model = build_model(cfg.model, activation_checkpoint=cfg.train.activation_checkpoint)
+        self.backbone_pretrained = backbone_pretrained
+        self.model = build_model(cfg.model, activation_checkpoint=cfg.train.activation_checkpoint,
+                                 backbone_pretrained=backbone_pretrained)
         self.criterion = SetCriterion.from_config(cfg.model)
         self.evaluator: CocoEvaluator | None = None
 
@@ -165,13 +170,17 @@ class GroundingDINOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tao_model"] = TAO_MODEL
         checkpoint["model_config"] = dataclasses.asdict(self.cfg.model)
+        checkpoint["backbone_pretrained"] = self.backbone_pretrained
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("model_config")
-        if saved is None:
-            raise ValueError("train.resume_training_checkpoint_path is not a checkpoint written by this trainer "
-                             "(no model_config); load it with train.pretrained_model_path instead")
-        conflicts = config_conflicts(saved, self.cfg.model)
-        if conflicts:
-            raise ValueError("train.resume_training_checkpoint_path was trained with a different architecture: "
-                             + "; ".join(conflicts) + ". Set these model.* keys to the checkpoint's values.")
+
+
+def check_resumable(checkpoint: dict, cfg: ModelConfig) -> None:
+    """Raise unless `checkpoint` is one of ours with the architecture of `cfg`."""
+    saved = checkpoint.get("model_config")
+    if checkpoint.get("tao_model") != TAO_MODEL or saved is None or "optimizer_states" not in checkpoint:
+        raise ValueError("train.resume_training_checkpoint_path is not a training checkpoint written by this "
+                         "trainer; start from its weights with train.pretrained_model_path instead")
+    conflicts = config_conflicts(saved, cfg)
+    if conflicts:
+        raise ValueError("train.resume_training_checkpoint_path was trained with a different architecture: "
+                         + "; ".join(conflicts) + ". Set these model.* keys to the checkpoint's values.")

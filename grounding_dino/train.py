@@ -16,10 +16,17 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-from grounding_dino.callbacks import AtomicCheckpointIO, GDinoCheckpoint, RngState, StatusLogger, WriteSpec
+from grounding_dino.callbacks import (
+    AtomicCheckpointIO,
+    GDinoCheckpoint,
+    ReproducibleEpochs,
+    RngState,
+    StatusLogger,
+    WriteSpec,
+)
 from grounding_dino.config import ExperimentConfig, TrainConfig, WandbConfig
 from grounding_dino.data import build_dataloader
-from grounding_dino.lightning_module import GroundingDINOModule, freeze
+from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,7 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
         callbacks=[
             GDinoCheckpoint(results_dir, **{unit: train.checkpoint_interval}),
             RngState(),
+            ReproducibleEpochs(train.seed),
             StatusLogger(results_dir, train.num_epochs),
             WriteSpec(results_dir / "experiment.yaml", cfg),
             LearningRateMonitor(logging_interval="epoch"),
@@ -107,15 +115,23 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
     )
 
 
-def build_module(cfg: ExperimentConfig) -> GroundingDINOModule:
-    """The module with pretrained weights loaded (unless resuming, where the checkpoint supplies them) and
-    train.freeze applied."""
-    module = GroundingDINOModule(cfg)
-    if cfg.train.pretrained_model_path and not cfg.train.resume_training_checkpoint_path:
+def build_module(cfg: ExperimentConfig, resume_checkpoint: Optional[dict] = None) -> GroundingDINOModule:
+    """The module with train.pretrained_model_path loaded and train.freeze applied. When resuming, the checkpoint
+    (read lazily, weights untouched) decides how the backbone was built and Lightning restores the weights."""
+    if resume_checkpoint is not None:
+        check_resumable(resume_checkpoint, cfg.model)
+        pretrained = resume_checkpoint.get("backbone_pretrained", False)
+        return _frozen(GroundingDINOModule(cfg, backbone_pretrained=pretrained), cfg)
+    module = GroundingDINOModule(cfg, backbone_pretrained=bool(cfg.train.pretrained_model_path))
+    if cfg.train.pretrained_model_path:
         from grounding_dino.model.checkpoint import load_weights
 
         report = load_weights(module.model, cfg.train.pretrained_model_path)
         log.info("loaded train.pretrained_model_path %s: %s", cfg.train.pretrained_model_path, report)
+    return _frozen(module, cfg)
+
+
+def _frozen(module: GroundingDINOModule, cfg: ExperimentConfig) -> GroundingDINOModule:
     frozen = freeze(module.model, cfg.train.freeze)
     if frozen:
         log.info("train.freeze froze %d parameter tensors", len(frozen))
@@ -131,7 +147,10 @@ def run_training(cfg: ExperimentConfig, callbacks: Optional[Sequence[Callback]] 
         raise FileNotFoundError(f"train.pretrained_model_path {cfg.train.pretrained_model_path} does not exist")
     results_dir = train_results_dir(cfg)
     seed_everything(cfg.train.seed, workers=True)
-    module = build_module(cfg)
+    # mmap: only the small metadata is read here; Lightning loads the checkpoint for real in fit()
+    saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True) if resume else None
+    module = build_module(cfg, saved)
+    del saved
     trainer = build_trainer(cfg, results_dir, callbacks or ())
     tokenizer = module.model.tokenizer
     trainer.fit(

@@ -53,3 +53,35 @@ def tiny_data(tmp_path: Path) -> dict:
         },
     }
     return {"root": root, "spec": spec}
+
+
+@pytest.fixture(scope="session")
+def tiny_train_spec(tmp_path_factory) -> dict:
+    """A complete CPU-sized training spec: resnet_18, hidden 64, 2+2 layers, 100 queries, max_text_len 256, a random
+    2-layer BERT, on 8 synthetic 128 px images (6 names) trained from ODVG and validated on 8 COCO images.
+
+    Callers deep-copy it and set results_dir (plus any overrides). `spec["_paths"]` is not part of the spec: it
+    holds the generated files (train/val image dirs and annotation files) and must be popped before use.
+    """
+    from grounding_dino.data.synthetic import generate
+    from grounding_dino.model.text import write_small_text_encoder
+
+    root = tmp_path_factory.mktemp("tiny_train")
+    paths = generate(str(root / "data"), num_train=8, num_val=8, image_size=128, max_objects=3, seed=0,
+                     colors=("red", "green", "blue"), shapes=("circle", "square"))
+    size = {"scales": [128], "train_random_resize": [128], "train_random_crop_min": 96, "train_random_crop_max": 128,
+            "random_resize_max_size": 128, "test_random_resize": 128}
+    return {
+        "model": {"backbone": "resnet_18", "hidden_dim": 64, "nheads": 4, "enc_layers": 2, "dec_layers": 2,
+                  "dim_feedforward": 128, "num_queries": 100, "num_select": 100, "max_text_len": 256,
+                  "text_encoder_type": write_small_text_encoder(root / "bert", hidden_size=64),
+                  "log_scale": "auto", "class_embed_bias": True},
+        "dataset": {
+            "train_data_sources": [{"image_dir": paths["train_image_dir"], "json_file": paths["train_json_file"],
+                                    "label_map": paths["label_map"]}],
+            "val_data_sources": {"image_dir": paths["val_image_dir"], "json_file": paths["val_json_file"]},
+            "batch_size": 4, "workers": 0, "augmentation": size,
+        },
+        "train": {"num_epochs": 2, "activation_checkpoint": False, "optim": {"lr": 1e-3, "lr_backbone": 1e-4}},
+        "_paths": paths,
+    }

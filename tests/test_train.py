@@ -183,3 +183,220 @@ def test_rng_state_round_trip():
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     callback.load_state_dict(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+# ------------------------------------------------------------------------------------------------ real training
+def _spec(tiny_train_spec, results_dir, **overrides) -> dict:
+    """The shared tiny spec with results_dir and dotted overrides ("train.num_epochs": 3) applied."""
+    import copy
+
+    spec = copy.deepcopy(tiny_train_spec)
+    spec.pop("_paths")
+    spec["results_dir"] = str(results_dir)
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return spec
+
+
+def _config(spec: dict):
+    from grounding_dino.config import load_experiment
+
+    return load_experiment(spec)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_train_spec, tmp_path_factory):
+    """One real 2-epoch run (8 images, batch 4: 2 steps per epoch) shared by the tests below."""
+    import torch
+
+    from grounding_dino.train import run_training
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("two_epochs")
+    spec = _spec(tiny_train_spec, out, encryption_key="secret-key")
+    assert run_training(_config(spec)) == 0
+    return out / "train", spec
+
+
+def test_run_writes_tao_named_checkpoints_and_latest_link(two_epochs):
+    results, _ = two_epochs
+    assert _checkpoints(results) == ["model_epoch_000_step_00002.pth", "model_epoch_001_step_00004.pth"]
+    assert os.readlink(results / "gdino_model_latest.pth") == "model_epoch_001_step_00004.pth"
+    assert not [p for p in results.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checkpoint_content_and_reload(two_epochs):
+    import torch
+
+    from grounding_dino.model import build_model
+    from grounding_dino.model.checkpoint import load_weights
+
+    results, spec = two_epochs
+    ckpt = torch.load(results / "gdino_model_latest.pth", weights_only=True)
+    assert ckpt["tao_model"] == "grounding_dino" and ckpt["epoch"] == 1 and ckpt["global_step"] == 4
+    assert ckpt["model_config"]["hidden_dim"] == 64 and ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    model = build_model(_config(spec).model)
+    report = load_weights(model, results / "gdino_model_latest.pth")
+    assert report.format == "ours" and report.ok
+    saved = ckpt["state_dict"]["model.transformer.tgt_embed.weight"]
+    assert torch.equal(model.state_dict()["transformer.tgt_embed.weight"], saved)
+
+
+def test_status_json_epoch_lines_and_kpis(two_epochs):
+    results, _ = two_epochs
+    records = read_status(results / "status.json")
+    assert [r["status"] for r in records] == ["STARTED", "RUNNING", "RUNNING", "SUCCESS"]
+    for epoch, line in enumerate(records[1:3]):
+        assert (line["epoch"], line["step"], line["max_epoch"], line["max_step"]) == (epoch, 2 * (epoch + 1), 2, 4)
+        for key in ("time_per_epoch", "time_per_step", "eta"):
+            assert line[key].count(":") == 2, key
+        kpi = line["kpi"]
+        assert set(kpi) == {"train_loss", "val_loss", "val_mAP", "val_mAP50", "lr"}
+        assert 0.0 <= kpi["val_mAP"] <= kpi["val_mAP50"] <= 1.0 and kpi["train_loss"] > 0
+        assert kpi["lr"] == pytest.approx(1e-3)
+
+
+def test_experiment_yaml_and_tensorboard(two_epochs):
+    import yaml
+
+    results, spec = two_epochs
+    written = yaml.safe_load((results / "experiment.yaml").read_text())
+    assert written["train"]["num_epochs"] == 2 and written["model"]["hidden_dim"] == 64
+    assert written["encryption_key"] is None  # the key never lands on disk
+    assert list((results / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_param_groups_get_their_learning_rates(tiny_train_spec, tmp_path):
+    from grounding_dino.lightning_module import GroundingDINOModule
+
+    spec = _spec(tiny_train_spec, tmp_path, **{"train.optim.lr": 1e-3, "train.optim.lr_backbone": 2e-5,
+                                               "train.optim.lr_linear_proj_mult": 0.1})
+    module = GroundingDINOModule(_config(spec))
+    optimizer = module.configure_optimizers()["optimizer"]
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx({"base": 1e-3, "backbone": 2e-5, "linear_proj": 1e-4})
+    group_of = {id(p): g["name"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(module.model.named_parameters())
+    assert len(group_of) == sum(len(g["params"]) for g in optimizer.param_groups)  # each parameter once
+    assert set(group_of) == {id(p) for p in names.values() if p.requires_grad}
+    for name, param in names.items():
+        expected = ("backbone" if name.startswith(("backbone.0.", "bert.")) else
+                    "linear_proj" if "sampling_offsets" in name or "reference_points" in name else "base")
+        assert group_of[id(param)] == expected, name
+    assert any("sampling_offsets" in n for n in names) and any(n.startswith("bert.") for n in names)
+
+
+def test_schedules_decay_at_the_configured_epochs(tiny_train_spec, tmp_path):
+    from grounding_dino.lightning_module import GroundingDINOModule
+
+    def lrs(**optim):
+        spec = _spec(tiny_train_spec, tmp_path, **{f"train.optim.{k}": v for k, v in optim.items()})
+        scheduler = GroundingDINOModule(_config(spec)).configure_optimizers()["lr_scheduler"]
+        assert scheduler["interval"] == "epoch"
+        out = []
+        for _ in range(6):
+            out.append(scheduler["scheduler"].get_last_lr()[0])
+            scheduler["scheduler"].optimizer.step()
+            scheduler["scheduler"].step()
+        return out
+
+    assert lrs(lr=1.0, lr_scheduler="MultiStep", lr_steps=[2, 4], lr_decay=0.5) == \
+        pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    assert lrs(lr=1.0, lr_scheduler="StepLR", lr_step_size=3, lr_decay=0.1) == \
+        pytest.approx([1, 1, 1, 0.1, 0.1, 0.1])
+
+
+class _WeightProbe:
+    """A callback recording the weights at train start and end."""
+
+    @staticmethod
+    def make():
+        from lightning.pytorch import Callback
+
+        class Probe(Callback):
+            def on_train_start(self, trainer, pl_module):
+                self.before = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+            def on_train_end(self, trainer, pl_module):
+                self.after = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+        return Probe()
+
+
+@pytest.fixture(scope="module")
+def dry_run_frozen(tiny_train_spec, tmp_path_factory):
+    from grounding_dino.train import run_training
+
+    out = tmp_path_factory.mktemp("dry_run")
+    spec = _spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5,
+                                          "train.freeze": ["backbone.0", "bert"]})
+    probe = _WeightProbe.make()
+    assert run_training(_config(spec), callbacks=[probe]) == 0
+    return out / "train", probe
+
+
+def test_dry_run_is_one_batch_of_train_and_val(dry_run_frozen):
+    results, probe = dry_run_frozen
+    assert _checkpoints(results) == []
+    records = read_status(results / "status.json")
+    assert [r["status"] for r in records] == ["STARTED", "RUNNING", "SUCCESS"]
+    assert records[1]["step"] == 1 and records[1]["max_step"] == 1
+    assert {"train_loss", "val_loss", "val_mAP", "val_mAP50"} <= set(records[1]["kpi"])
+
+
+def test_freeze_keeps_prefixed_weights_and_trains_the_rest(dry_run_frozen):
+    import torch
+
+    _, probe = dry_run_frozen
+    frozen = [k for k in probe.before if k.startswith(("backbone.0.", "bert."))]
+    assert frozen and all(torch.equal(probe.before[k], probe.after[k]) for k in frozen)
+    changed = [k for k in probe.before if not torch.equal(probe.before[k], probe.after[k])]
+    assert changed and not any(k.startswith(("backbone.0.", "bert.")) for k in changed)
+
+
+def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
+    from grounding_dino.train import build_module
+
+    spec = _spec(tiny_train_spec, tmp_path, **{"train.freeze": ["backbone.0", "bakbone"]})
+    with pytest.raises(ValueError, match=r"train.freeze\[1\] = 'bakbone' matches no parameter"):
+        build_module(_config(spec))
+
+
+def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, tmp_path):
+    import torch
+
+    from grounding_dino.train import build_module, run_training
+
+    results, _ = two_epochs
+    latest = results / "gdino_model_latest.pth"
+    saved = torch.load(latest, weights_only=True)
+    spec = _spec(tiny_train_spec, tmp_path, **{"train.pretrained_model_path": str(latest)})
+    module = build_module(_config(spec))
+    assert torch.equal(module.model.state_dict()["transformer.tgt_embed.weight"],
+                       saved["state_dict"]["model.transformer.tgt_embed.weight"])
+    # resuming needs our training checkpoint with the same architecture
+    other = _spec(tiny_train_spec, tmp_path, **{"model.num_queries": 120})
+    with pytest.raises(ValueError, match="model.num_queries: checkpoint 100, spec 120"):
+        build_module(_config(other), saved)
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        build_module(_config(spec), {"model": saved["state_dict"]})
+    missing = _spec(tiny_train_spec, tmp_path, **{"train.resume_training_checkpoint_path": str(tmp_path / "nope.pth")})
+    with pytest.raises(FileNotFoundError, match="resume_training_checkpoint_path"):
+        run_training(_config(missing))
+
+
+def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):
+    import torch
+
+    from grounding_dino.train import build_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP is allowed on CUDA")
+    spec = _spec(tiny_train_spec, tmp_path, **{"train.distributed_strategy": "fsdp"})
+    with pytest.raises(ValueError, match="fsdp.*needs CUDA GPUs.*use 'ddp'"):
+        build_trainer(_config(spec), tmp_path)
