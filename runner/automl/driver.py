@@ -24,7 +24,7 @@ from runner.automl.search_space import apply_params, build_search_space
 from runner.automl.report import write_report
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
                                  SURPLUS_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
-                                 redact)
+                                 redact, storage_url)
 from sdk.errors import SpecError
 
 BEST_DIR = "best_model"
@@ -57,19 +57,21 @@ def run_automl(
     """
     spec, root, default_name = _load(source)
     settings = spec["automl"]
-    storage_url = storage or settings["storage"]
+    url = storage_url(storage or settings["storage"], root)
     name = study_name or settings["study_name"] or default_name
     metric = settings["metric"]
     max_trials = settings["max_trials"]
     if run_trial is None:
         from runner.automl.training import train_trial as run_trial
     space = build_search_space(spec, schema)
-    backend = open_storage(storage_url, root, heartbeat_interval, grace_period)
+    backend = open_storage(url, heartbeat_interval, grace_period)
     seed = settings["seed"] if settings["seed"] is not None else spec["train"]["seed"]
+    # Trials (and their child processes) find the study through the spec they run with.
+    settings.update(storage=url, study_name=name, seed=seed)
     # Our own lines (one per trial, one per epoch) replace Optuna's per-trial INFO log.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(backend, name, settings["algorithm"], seed, spec["train"]["num_epochs"])
-    _log(f"study {name!r} in {redact(storage_url) or root / 'automl_study.db'}: {settings['algorithm']}, "
+    _log(f"study {name!r} in {redact(url)}: {settings['algorithm']}, "
          f"maximise {metric}, {max_trials} trials; searching {', '.join(space.keys)}")
     for key, reason in space.excluded:
         _log(f"not searched: {key}: {reason}")
@@ -117,7 +119,7 @@ def run_automl(
 
     best = export_best(study, root, metric)
     write_report(study, root, space, metric=metric, algorithm=settings["algorithm"],
-                 storage=redact(storage_url) or str(root / "automl_study.db"))
+                 storage=redact(url))
     if best is None:
         errors = [t.user_attrs[ERROR_ATTR] for t in study.get_trials(deepcopy=False) if ERROR_ATTR in t.user_attrs]
         raise RuntimeError(f"AutoML study {name!r} has no completed trial"
@@ -156,8 +158,13 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
     info_file = folder / BEST_FILE
     if info_file.is_file() and (folder / name).is_file() and json.loads(info_file.read_text())["trial"] == best.number:
         return best
-    folder.mkdir(parents=True, exist_ok=True)
     source = root / f"trial_{best.number}" / name
+    trial_host = best.user_attrs.get(OWNER_ATTR, {}).get("host")
+    if not source.is_file() and trial_host not in (None, owner()["host"]):
+        _log(f"best trial {best.number} ran on {trial_host} and its checkpoint is not in {source.parent}: "
+             "best_model/ is left to a worker that can read it (share the results folder between machines)")
+        return best
+    folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{name}.partial"
     shutil.copyfile(source, partial)
     os.replace(partial, folder / name)

@@ -34,12 +34,17 @@ ERROR_ATTR = "error"  # why a trial failed
 HEARTBEAT_INTERVAL = 60
 
 
-def open_storage(url: Optional[str], root: Path, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+def storage_url(url: Optional[str], root: Path) -> str:
+    """`automl.storage`, or by default SQLite in the results folder `root`."""
+    if url is not None:
+        return url
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+
+
+def open_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
                  grace_period: Optional[int] = None) -> optuna.storages.BaseStorage:
-    """The storage named by `automl.storage` (None: SQLite `<root>/automl_study.db`)."""
-    if url is None:
-        root.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(root / DEFAULT_DB).resolve()}"
+    """The storage at `url`: a database URL or a .journal file."""
     if url.endswith(".journal"):
         from optuna.storages.journal import JournalFileBackend
 
