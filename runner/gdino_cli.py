@@ -67,8 +67,8 @@ def find_backend(action: str) -> Tuple[Optional[Callable], str]:
         return None, "the backend action registry grounding_dino/actions.py does not exist yet"
     try:
         return actions.get_action(action), ""
-    except Exception as exc:  # the registry's own error says which action and why
-        return None, f"{type(exc).__name__}: {exc}"
+    except actions.ActionError as exc:
+        return None, str(exc)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -462,11 +462,11 @@ def _source_of(act: ActionInfo, pattern: str) -> Optional[str]:
     return None
 
 
-def _missing_message(act: ActionInfo, pattern: str, kind: str) -> str:
+def _missing_message(act: ActionInfo, pattern: str, key: str, kind: str) -> str:
     source = _source_of(act, pattern)
     what = f"missing required data source ({source})" if source else "missing required input"
     example = {"file": "/path/to/file", "folder": "/path/to/folder", "list": "[...]"}[kind]
-    return f"{what}: the {act.name} action needs this {kind}; set it in the spec or override {pattern.replace('[*]', '[0]')}={example}"
+    return f"{what}: the {act.name} action needs this {kind}; set it in the spec or override {key}={example}"
 
 
 def _missing_inputs(spec: Mapping[str, Any], act: ActionInfo, filled: frozenset) -> List[SpecIssue]:
@@ -482,7 +482,7 @@ def _missing_inputs(spec: Mapping[str, Any], act: ActionInfo, filled: frozenset)
             continue
         for key, value in expand_key(spec, pattern):
             if not _is_set(value):
-                issues.append(SpecIssue(key, value, _missing_message(act, pattern, item.type)))
+                issues.append(SpecIssue(key, value, _missing_message(act, pattern, key, item.type)))
     for members in groups.values():
         if any(_covered(m, filled) or any(_is_set(v) for _, v in expand_key(spec, m)) for m in members):
             continue

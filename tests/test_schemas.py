@@ -320,29 +320,32 @@ def test_grounding_dino_skill_triggers_and_coverage():
 
 
 def _cli_examples(text: str):
+    """(action, overrides) of every `grounding_dino ...` and `skillbank job create ...` line in bash blocks."""
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.strip()
-            if line.startswith("grounding_dino "):
-                yield shlex.split(line, comments=True)[1:]
+        for line in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(line.strip(), comments=True)
+            if args[:1] == ["grounding_dino"]:
+                parsed = build_parser().parse_args(args[1:])
+                yield parsed.action, parsed.overrides
+            elif args[:3] == ["skillbank", "job", "create"]:
+                action = args[args.index("--action") + 1]
+                yield action, [a for a in args[3:] if "=" in a and not a.startswith("-")]
 
 
 @pytest.mark.parametrize("skill", SKILLS)
 def test_skill_cli_examples_use_real_keys(skill):
-    """Every `grounding_dino ...` example parses and every override names a real key of its action."""
+    """Every command-line example parses and each override names a real key of its action."""
     text = (REPO_ROOT / "skills" / skill / "SKILL.md").read_text()
     examples = list(_cli_examples(text))
+    assert examples
     if skill == "grounding-dino":
-        assert {args[0] for args in examples} == set(ACTIONS)
-    for args in examples:
-        parsed = build_parser().parse_args(args)
-        keys = schema_keys(schema_gen.action_schema(parsed.action))
-        for override in parsed.overrides:
+        assert set(ACTIONS) <= {action for action, _ in examples}
+    for action, overrides in examples:
+        keys = schema_keys(schema_gen.action_schema(action))
+        for override in overrides:
             key, _ = parse_override(override)
             key = INFO.shorthand.get(key, key)
-            generic = re.sub(r"\[\d+\]", "[*]", key)
-            assert generic in keys, f"{skill}: {' '.join(args)}: {key}"
+            assert re.sub(r"\[\d+\]", "[*]", key) in keys, f"{skill}: {action}: {key}"
 
 
 def test_action_schema_falls_back_to_building_in_memory(monkeypatch, tmp_path):
