@@ -210,7 +210,7 @@ def set_path(spec: Dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str) -> Tuple[str, Any]:
     """`"a.b[0].c=3"` -> `("a.b[0].c", 3)`; the value is read with YAML scalar rules (3, 1e-4, true, null, [1,2])."""
     if not isinstance(text, str) or "=" not in text:
-        raise SpecError.single(str(text), MISSING, f"malformed override: expected key=value, e.g. train.num_epochs=3")
+        raise SpecError.single(str(text), MISSING, "malformed override: expected key=value, e.g. train.num_epochs=3")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key:
