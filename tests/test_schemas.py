@@ -351,3 +351,30 @@ def test_skill_cli_examples_use_real_keys(skill):
 def test_action_schema_falls_back_to_building_in_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(schema_gen, "REPO_ROOT", tmp_path)
     assert schema_gen.action_schema("export") == json.loads(INFO.action("export").schema.read_text())
+
+
+def test_skill_info_declares_every_config_action():
+    assert set(INFO.actions) == set(ACTIONS)
+    assert INFO.automl_enabled is True and INFO.network_arch == "grounding_dino"
+    assert INFO.action("train").command_for("/x/spec.yaml") == "grounding_dino train -e /x/spec.yaml"
+
+
+@pytest.mark.parametrize("old, new, where", [
+    ("      dataset.train_data_sources: {type: list}", "      dataset.train_data_sources: {type: lst}",
+     "actions.train.inputs.dataset.train_data_sources.type"),
+    ("        image_dir: {file: images.tar.gz, runtime: extracted_folder}\n        json_file: {file: annotations_odvg",
+     "        image_dir: {file: images.tar.gz, runtime: unpack}\n        json_file: {file: annotations_odvg",
+     "data_sources.train.dataset.train_data_sources.fields.image_dir.runtime"),
+    ("    command: grounding_dino export -e {config_path}\n", "",
+     "actions.export.command"),
+])
+def test_malformed_skill_info_names_the_key(tmp_path, old, new, where):
+    from sdk.errors import SkillBankError
+
+    root = scratch_root(tmp_path)
+    path = root / "references/grounding_dino/skill_info.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SkillBankError, match=re.escape(where)):
+        load_skill_info("grounding_dino", root)
