@@ -91,3 +91,31 @@ def test_official_round_trip_keeps_outputs(hf_model, text_folder):
         expected = source(images, pixel_mask, text)
         got = target(images, pixel_mask, text)
     assert_close(got, expected["pred_logits"], expected["pred_boxes"])
+
+
+def test_hf_swin_backbone_maps_to_timm(text_folder):
+    """HF's Swin (split q/k/v, downsample at the end of a stage) loads into timm's Swin-T and agrees with it."""
+    from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+
+    torch.manual_seed(0)
+    swin = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, out_indices=[2, 3, 4])
+    config = GroundingDinoConfig(
+        backbone_config=swin, text_config=BertConfig.from_pretrained(text_folder), d_model=D_MODEL, encoder_layers=1,
+        decoder_layers=2, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS, num_queries=QUERIES, max_text_len=TEXT_LEN, dropout=0.0, fusion_droppath=0.0,
+    )
+    hf = GroundingDinoForObjectDetection(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = build_model(small_config(text_folder, backbone="swin_tiny_224_1k", enc_layers=1)).eval()
+    report = load_weights(ours, hf.state_dict())
+    assert report.ok and report.ignored == ["backbone.0.norm.bias", "backbone.0.norm.weight"]
+    # 224 px keeps every stage a multiple of the 7-pixel window, where timm and the official Swin pad alike.
+    images = torch.randn(1, 3, 224, 224)
+    text = ours.tokenizer(["cat . dog ."])
+    with torch.no_grad():
+        ref = hf(pixel_values=images, input_ids=text["input_ids"], attention_mask=text["attention_mask"].long(),
+                 token_type_ids=text["token_type_ids"])
+        out = ours(images, None, text)
+    assert_close(out, ref.logits, ref.pred_boxes)

@@ -28,7 +28,8 @@ class BackboneSpec:
     swin: bool = False           # NHWC outputs, per-level LayerNorms, official Swin key names
 
 
-_SWIN = dict(dynamic_img_size=True, strict_img_size=False)
+# Any input size, and shifted windows even on maps no larger than a window, as the official Swin does.
+_SWIN = dict(dynamic_img_size=True, strict_img_size=False, always_partition=True)
 BACKBONES: Dict[str, BackboneSpec] = {
     "swin_tiny_224_1k": BackboneSpec("swin_tiny_patch4_window7_224", _SWIN, swin=True),
     # TAO's Swin-B 224 uses depths 2-2-12-2, so its checkpoints need that depth.
