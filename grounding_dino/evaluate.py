@@ -1,0 +1,76 @@
+"""The evaluate action: COCO box mAP of a checkpoint (.pth) or an exported model (.onnx) on dataset.test_data_sources.
+
+It runs the pieces training validation runs, so a checkpoint scores here what it scored as val_mAP50 on the same
+data: the loader of build_dataloader (eval transforms, batch size, fixed padding), the caption of all category names
+in id order, post_process with model.num_select, and CocoEvaluator with dataset.eval_class_ids. The only addition is
+for long category lists: they are split into several prompts of at most max_text_len tokens and the detections
+merged (Predictor.detect), so 80+ classes are all scored instead of being cut off.
+
+Writes `results.json` (every COCO metric), `detections.json` (the COCO results list) and `status.json` (KPIs
+test_mAP, test_mAP50) into evaluate.results_dir, else <results_dir>/evaluate.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+from grounding_dino.config import ExperimentConfig
+from grounding_dino.data import build_dataloader
+from grounding_dino.evaluation import CocoEvaluator
+from grounding_dino.predictor import Predictor, load_predictor, split_prompt
+from grounding_dino.status import StatusWriter
+
+log = logging.getLogger(__name__)
+
+
+def results_folder(cfg: ExperimentConfig, action: str) -> Path:
+    """`<action>.results_dir`, else `<results_dir>/<action>`."""
+    own = getattr(cfg, action).results_dir
+    if own:
+        return Path(own)
+    if cfg.results_dir:
+        return Path(cfg.results_dir) / action
+    raise ValueError(f"set results_dir (or {action}.results_dir): {action} needs a folder for its outputs")
+
+
+def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optional[Path] = None) -> Dict[str, float]:
+    """COCO metrics (evaluation.METRIC_NAMES) of `predictor` on the test split; optionally saves the detections."""
+    options = cfg.evaluate
+    size = predictor.image_size(options.input_width, options.input_height, "evaluate")
+    loader = build_dataloader(cfg, "test", input_size=size,
+                              batch_size=options.batch_size if options.batch_size > 0 else None)
+    dataset = loader.dataset
+    chunks = split_prompt(dataset.phrases, predictor.tokenizer)
+    log.info("evaluating %d images, %d categories in %d prompt(s)", len(dataset), len(dataset.phrases), len(chunks))
+    evaluator = CocoEvaluator(dataset.coco_gt, eval_class_ids=cfg.dataset.eval_class_ids,
+                              score_threshold=options.conf_threshold)
+    for images, pixel_mask, targets in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = predictor.detect(images, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
+        evaluator.update([t["image_id"] for t in targets], detections)
+    return evaluator.summarize(detections_json)
+
+
+def run_evaluate(cfg: ExperimentConfig) -> int:
+    """The `evaluate` action: evaluate.checkpoint on dataset.test_data_sources; returns 0."""
+    results_dir = results_folder(cfg, "evaluate")
+    status = StatusWriter(results_dir / "status.json")
+    status.write("STARTED", "Starting evaluation.")
+    try:
+        if not cfg.evaluate.checkpoint:
+            raise ValueError("evaluate.checkpoint is not set: give a .pth checkpoint or an .onnx model")
+        predictor = load_predictor(cfg.evaluate.checkpoint, cfg, "evaluate")
+        metrics = evaluate(cfg, predictor, results_dir / "detections.json")
+    except Exception as err:
+        status.write("FAILURE", f"Evaluation failed: {type(err).__name__}: {err}", verbosity="ERROR")
+        raise
+    (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    for name, value in metrics.items():
+        print(f"{name:>10}: {value:.4f}")
+    status.write("SUCCESS", "Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()})
+    return 0

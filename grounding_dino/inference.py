@@ -1,0 +1,167 @@
+"""The inference action: text-prompted detection on folders of images with a checkpoint (.pth) or an .onnx model.
+
+Inputs: dataset.infer_data_sources.image_dir (one or several folders, searched recursively) and .captions (the
+phrases; label i is captions[i]). Images keep their aspect ratio (shorter side dataset.augmentation.
+test_random_resize) unless inference.input_width/input_height are set or the model has a fixed input (ONNX).
+Phrase lists longer than max_text_len tokens run as several prompts (Predictor.detect).
+
+Outputs in inference.results_dir, else <results_dir>/inference, for every image (also those without detections):
+  images_annotated/<image>    boxes and "phrase score" tags drawn (a stable color per phrase, inference.color_map)
+  labels/<image stem>.txt     KITTI-style lines, 16 fields: `phrase 0 0 0 x1 y1 x2 y2 0 0 0 0 0 0 0 score`;
+                              KITTI fields are space-separated, so spaces inside a phrase become underscores
+                              ("red car" -> red_car); results.json keeps the phrase as written
+  results.json                COCO detections: image_id (position in the image list), file_name, category_id
+                              (index in captions), category_name, bbox [x, y, w, h] pixels, score
+Detections below inference.conf_threshold are dropped. With inference.is_internal the outputs keep each image's
+path below its source folder, prefixed by the folder's name; otherwise file names must be unique.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from grounding_dino.config import ExperimentConfig
+from grounding_dino.data.captions import normalize_name
+from grounding_dino.data.loader import collate_fn
+from grounding_dino.data.transforms import build_transforms
+from grounding_dino.draw import draw_detections, phrase_colors
+from grounding_dino.evaluate import results_folder
+from grounding_dino.predictor import Predictor, load_predictor, split_prompt
+from grounding_dino.status import StatusWriter
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SAVE_OPTIONS = {"JPEG": {"quality": 95}}
+
+
+def list_images(folders: Sequence[str], keep_structure: bool) -> List[Tuple[Path, Path]]:
+    """(image path, output path relative to the output folders) for every image below `folders`, sorted."""
+    if isinstance(folders, str):
+        folders = [folders]
+    if not folders:
+        raise ValueError("dataset.infer_data_sources.image_dir is empty: give one or more image folders")
+    found: List[Tuple[Path, Path]] = []
+    for i, folder in enumerate(folders):
+        root = Path(folder)
+        if not root.is_dir():
+            raise ValueError(f"dataset.infer_data_sources.image_dir[{i}]: {folder} is not a folder (extract "
+                             "archives first)")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"dataset.infer_data_sources.image_dir[{i}]: {folder} holds no image "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        found += [(p, Path(root.resolve().name) / p.relative_to(root) if keep_structure else Path(p.name))
+                  for p in files]
+    seen: Dict[Path, Path] = {}
+    for path, out in found:
+        key = out.with_suffix("")  # label files are named by stem, so a.jpg and a.png would collide too
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {path} would both write outputs named {key}.*; set "
+                             "inference.is_internal true to keep the folder structure, or rename one")
+        seen[key] = path
+    return found
+
+
+class ImageList(Dataset):
+    """Images → (normalised tensor, {index, orig_size}) with the eval transforms."""
+
+    def __init__(self, paths: Sequence[Path], transforms):
+        self.paths = list(paths)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from None
+        empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64)}
+        tensor, _ = self.transforms(image, empty, np.random.default_rng(index))
+        return tensor, {"index": index, "orig_size": torch.tensor([image.height, image.width])}
+
+
+def kitti_line(phrase: str, box: Sequence[float], score: float) -> str:
+    """`phrase 0 0 0 x1 y1 x2 y2 0 0 0 0 0 0 0 score`, spaces in the phrase replaced by underscores."""
+    x1, y1, x2, y2 = box
+    name = "_".join(phrase.split())
+    return f"{name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00 {score:.4f}"
+
+
+def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> List[dict]:
+    """Run inference as the spec says and write the outputs; returns the COCO detection records."""
+    options, sources = cfg.inference, cfg.dataset.infer_data_sources
+    phrases = [normalize_name(c) for c in sources.captions]
+    if not phrases or not all(phrases):
+        raise ValueError(f"dataset.infer_data_sources.captions must list one or more non-empty phrases, got "
+                         f"{list(sources.captions)!r}")
+    if len(set(phrases)) != len(phrases):
+        raise ValueError(f"dataset.infer_data_sources.captions repeats a phrase: {phrases}")
+    colors = phrase_colors(phrases, options.color_map)
+    chunks = split_prompt(phrases, predictor.tokenizer)
+    images = list_images(sources.image_dir, options.is_internal)
+    size = predictor.image_size(options.input_width, options.input_height, "inference")
+    dataset = ImageList([path for path, _ in images], build_transforms(cfg.dataset.augmentation, False, size))
+    loader = DataLoader(dataset, batch_size=options.batch_size if options.batch_size > 0 else cfg.dataset.batch_size,
+                        num_workers=cfg.dataset.workers, collate_fn=functools.partial(collate_fn, pad_size=None))
+    log.info("inference on %d images with %d phrases in %d prompt(s)", len(images), len(phrases), len(chunks))
+
+    label_of = {phrase: i for i, phrase in enumerate(phrases)}
+    records: List[dict] = []
+    for batch, pixel_mask, targets in tqdm(loader, desc="inference", unit="batch", dynamic_ncols=True):
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = predictor.detect(batch, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
+        for target, detection in zip(targets, detections):
+            keep = detection["scores"] >= options.conf_threshold
+            found = [(box, phrases[label], score) for box, label, score in zip(
+                detection["boxes"][keep].tolist(), detection["labels"][keep].tolist(),
+                detection["scores"][keep].tolist())]
+            path, out = images[target["index"]]
+            _write_image(path, out, found, colors, options.outline_width, results_dir)
+            records += [{"image_id": target["index"], "file_name": str(out), "category_id": label_of[phrase],
+                         "category_name": phrase, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+                        for (x1, y1, x2, y2), phrase, score in found]
+    (results_dir / "results.json").write_text(json.dumps(records, allow_nan=False) + "\n")
+    return records
+
+
+def _write_image(path: Path, out: Path, found, colors, outline_width: int, results_dir: Path) -> None:
+    label_file = results_dir / "labels" / out.with_suffix(".txt")
+    label_file.parent.mkdir(parents=True, exist_ok=True)
+    label_file.write_text("".join(kitti_line(phrase, box, score) + "\n" for box, phrase, score in found))
+    annotated = results_dir / "images_annotated" / out
+    annotated.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(path) as image:
+        image_format = image.format
+        drawn = draw_detections(image, found, colors, outline_width)
+    drawn.save(annotated, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
+
+
+def run_inference(cfg: ExperimentConfig) -> int:
+    """The `inference` action: inference.checkpoint on dataset.infer_data_sources; returns 0."""
+    results_dir = results_folder(cfg, "inference")
+    status = StatusWriter(results_dir / "status.json")
+    status.write("STARTED", "Starting inference.")
+    try:
+        if not cfg.inference.checkpoint:
+            raise ValueError("inference.checkpoint is not set: give a .pth checkpoint or an .onnx model")
+        predictor = load_predictor(cfg.inference.checkpoint, cfg, "inference")
+        records = infer(cfg, predictor, results_dir)
+    except Exception as err:
+        status.write("FAILURE", f"Inference failed: {type(err).__name__}: {err}", verbosity="ERROR")
+        raise
+    status.write("SUCCESS", f"Inference finished: {len(records)} detections.")
+    return 0

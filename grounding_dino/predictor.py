@@ -1,0 +1,330 @@
+"""Predictor backends: one call, `predict(images, pixel_mask, text) -> (pred_logits, pred_boxes)`, whatever runs it.
+
+Backends ("torch": the nn.Module, "onnx": an ONNX Runtime CPU session on the export contract, "tensorrt": registered
+by grounding_dino.deploy) sit in a registry of lazy "module:Class" strings, so importing this module never imports
+onnxruntime or tensorrt. `load_predictor(path_or_model, cfg)` picks the backend by file extension.
+
+On top of `predict`, `Predictor.detect` turns a list of phrases of any length into detections: the phrases are
+packed greedily into prompts of at most max_text_len tokens (`split_prompt`), every prompt runs over the batch,
+and each image keeps the top num_select detections of the union, labels mapped back to the phrase's global index.
+With one prompt this is exactly the validation path of training (same caption, positive map and post-processing).
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from grounding_dino.config import ExperimentConfig
+from grounding_dino.data.captions import build_caption, normalize_name
+from grounding_dino.data.tokens import TokenBudget
+from grounding_dino.model.postprocess import post_process
+
+Detections = List[Dict[str, Tensor]]
+
+# The export contract (DESIGN.md "Export"): input names in forward order, output names.
+ONNX_INPUTS = ("inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
+ONNX_OUTPUTS = ("pred_logits", "pred_boxes")
+
+_BACKENDS: Dict[str, str] = {
+    "torch": "grounding_dino.predictor:TorchPredictor",
+    "onnx": "grounding_dino.predictor:OnnxPredictor",
+}
+_EXTENSIONS: Dict[str, str] = {".pth": "torch", ".ckpt": "torch", ".pt": "torch", ".onnx": "onnx",
+                               ".engine": "tensorrt"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts longer than the text encoder
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """Phrases [offset, offset + len(names)) of a prompt, as one caption with its positive map [P, max_text_len]."""
+
+    names: Tuple[str, ...]
+    offset: int
+    caption: str
+    positive_map: Tensor
+
+
+def split_prompt(names: Sequence[str], tokenizer) -> List[PromptChunk]:
+    """Pack `names` in order into captions of at most tokenizer.max_text_len tokens (a CaptionTokenizer).
+
+    Raises ValueError naming a phrase that alone is longer than the limit, or one the tokenizer cannot locate.
+    """
+    names = [normalize_name(n) for n in names]
+    if not names or not all(names):
+        raise ValueError(f"the prompt needs one or more non-empty phrases, got {list(names)!r}")
+    budget = TokenBudget.from_tokenizer(tokenizer, names)
+    groups: List[List[str]] = []
+    for name in names:
+        if not budget.fits([name]):
+            raise ValueError(f"phrase {name!r} needs {budget.count([name])} tokens, more than model.max_text_len "
+                             f"{budget.limit}; shorten it")
+        if groups and budget.fits(groups[-1] + [name]):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    chunks, offset = [], 0
+    for group in groups:
+        caption, spans = build_caption(group)
+        positive_map = tokenizer.positive_map(caption, spans)
+        empty = [group[i] for i in range(len(group)) if not positive_map[i].any()]
+        if empty:
+            raise ValueError(f"phrases {empty} map to no token of the caption {caption!r}")
+        chunks.append(PromptChunk(tuple(group), offset, caption, positive_map))
+        offset += len(group)
+    return chunks
+
+
+def merge_detections(parts: Sequence[Dict[str, Tensor]], num_select: int) -> Dict[str, Tensor]:
+    """One image's detections from several prompts: the top `num_select` of their union, best first."""
+    scores = torch.cat([p["scores"] for p in parts])
+    keep = scores.topk(min(num_select, scores.numel())).indices
+    return {key: torch.cat([p[key] for p in parts])[keep] for key in ("scores", "labels", "boxes")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the interface
+
+
+class Predictor(ABC):
+    """A Grounding DINO that maps (images, pixel_mask, text) to token logits [B,Q,L] and cxcywh boxes [B,Q,4].
+
+    tokenizer: the CaptionTokenizer of the model's text encoder.
+    input_size: (width, height) every image must have, or None when any size (and padding) is accepted.
+    pad_text: the backend takes text padded to max_text_len only.
+    """
+
+    name = "base"
+
+    def __init__(self, tokenizer, input_size: Optional[Tuple[int, int]] = None, pad_text: bool = False):
+        self.tokenizer = tokenizer
+        self.input_size = input_size
+        self.pad_text = pad_text
+
+    def image_size(self, width: Optional[int], height: Optional[int], section: str) -> Optional[Tuple[int, int]]:
+        """The (width, height) images are resized to: the backend's fixed size, else the spec's `section`
+        input_width/input_height, else None (aspect ratio kept)."""
+        if (width is None) != (height is None):
+            raise ValueError(f"{section}.input_width and {section}.input_height: set both or neither "
+                             f"(got {width} and {height})")
+        requested = (width, height) if width is not None else None
+        if self.input_size is None:
+            return requested
+        if requested is not None and requested != self.input_size:
+            raise ValueError(f"{section}.input_width/input_height {width}x{height} differ from the {self.name} "
+                             f"model's fixed input {self.input_size[0]}x{self.input_size[1]}; remove them or set "
+                             "them to the export size")
+        return self.input_size
+
+    @abstractmethod
+    def predict(self, images: Tensor, pixel_mask: Optional[Tensor], text: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """images [B,3,H,W] normalised; pixel_mask [B,H,W] True on padding (or None); text from self.tokenizer."""
+
+    def detect(self, images: Tensor, pixel_mask: Optional[Tensor], orig_sizes: Tensor, chunks: Sequence[PromptChunk],
+               num_select: int) -> Detections:
+        """Per image {scores, labels (global phrase index), boxes xyxy in original pixels}, best first."""
+        per_chunk = []
+        for chunk in chunks:
+            text = self.tokenizer([chunk.caption] * len(images), pad_to_max=self.pad_text)
+            logits, boxes = self.predict(images, pixel_mask, text)
+            detections = post_process(logits, boxes, chunk.positive_map, orig_sizes, num_select=num_select)
+            for detection in detections:
+                detection["labels"] = detection["labels"] + chunk.offset
+            per_chunk.append(detections)
+        if len(per_chunk) == 1:
+            return per_chunk[0]
+        return [merge_detections(parts, num_select) for parts in zip(*per_chunk)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _device(cfg: ExperimentConfig, section: str) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpu_ids = getattr(getattr(cfg, section), "gpu_ids", None) or [0]
+    return torch.device(f"cuda:{gpu_ids[0]}")
+
+
+class TorchPredictor(Predictor):
+    name = "torch"
+
+    def __init__(self, model: nn.Module, device: Union[str, torch.device, None] = None):
+        super().__init__(model.tokenizer)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "TorchPredictor":
+        """The model of the spec's model section with the weights of `path` (ours, official, HF or TAO).
+
+        Our checkpoints carry the model settings they were trained with; any structural disagreement with the spec
+        is refused, naming the keys to change.
+        """
+        from grounding_dino.model import build_model
+        from grounding_dino.model.checkpoint import config_conflicts, load_weights
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
+        if saved is not None:
+            conflicts = config_conflicts(saved, cfg.model)
+            if conflicts:
+                raise ValueError(f"{section}.checkpoint {path} was trained with other model settings; set these in "
+                                 "the spec:\n  " + "\n  ".join(conflicts))
+        # The backbone must be built as in training (frozen or trainable norms), so its buffers match.
+        pretrained = bool(checkpoint.get("backbone_pretrained", False)) if isinstance(checkpoint, dict) else False
+        model = build_model(cfg.model, backbone_pretrained=pretrained)
+        load_weights(model, checkpoint if isinstance(checkpoint, dict) else path)
+        return cls(model, _device(cfg, section))
+
+    @torch.inference_mode()
+    def predict(self, images, pixel_mask, text):
+        text = {k: v.to(self.device) for k, v in text.items()}
+        mask = pixel_mask.to(self.device) if pixel_mask is not None else None
+        out = self.model(images.to(self.device), mask, text)
+        return out["pred_logits"], out["pred_boxes"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def pad_text(text: Dict[str, Tensor], length: int) -> Dict[str, Tensor]:
+    """Text inputs padded on the right to `length` tokens, as the tokenizer pads: id 0, not attended, position 0,
+    and each padding token attending only to itself."""
+    batch, current = text["input_ids"].shape
+    if current > length:
+        raise ValueError(f"text has {current} tokens but the model takes {length}")
+    extra = length - current
+    if extra == 0:
+        return text
+    out = {key: nn.functional.pad(text[key], (0, extra), value=0)
+           for key in ("input_ids", "attention_mask", "position_ids", "token_type_ids")}
+    mask = torch.eye(length, dtype=torch.bool).repeat(batch, 1, 1)
+    mask[:, :current, :current] = text["text_token_mask"]
+    out["text_token_mask"] = mask
+    return out
+
+
+class OnnxPredictor(Predictor):
+    """An exported model on ONNX Runtime (CPU). Its input size and text length are fixed by the export."""
+
+    name = "onnx"
+
+    def __init__(self, path: str, tokenizer):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if set(inputs) != set(ONNX_INPUTS) or not set(ONNX_OUTPUTS) <= set(outputs):
+            raise ValueError(f"{path}: inputs {sorted(inputs)} and outputs {outputs} do not follow the export "
+                             f"contract (inputs {list(ONNX_INPUTS)}, outputs {list(ONNX_OUTPUTS)}); re-export it "
+                             "with the export action")
+        batch, _, height, width = inputs["inputs"].shape
+        if not all(isinstance(side, int) for side in (height, width)):
+            raise ValueError(f"{path}: the image input has a dynamic size {inputs['inputs'].shape}; the export "
+                             "contract fixes height and width")
+        self.text_len = inputs["input_ids"].shape[1]
+        if self.text_len != tokenizer.max_text_len:
+            raise ValueError(f"{path} takes {self.text_len} text tokens but model.max_text_len is "
+                             f"{tokenizer.max_text_len}; set model.max_text_len to {self.text_len}")
+        self.batch = batch if isinstance(batch, int) else None
+        super().__init__(tokenizer, input_size=(width, height), pad_text=True)
+
+    @classmethod
+    def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "OnnxPredictor":
+        from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
+
+        tokenizer = CaptionTokenizer(resolve_text_encoder(cfg.model.text_encoder_type), cfg.model.max_text_len)
+        return cls(path, tokenizer)
+
+    def predict(self, images, pixel_mask, text):
+        width, height = self.input_size
+        if tuple(images.shape[-2:]) != (height, width):
+            raise ValueError(f"the ONNX model takes {width}x{height} images, got {images.shape[-1]}x"
+                             f"{images.shape[-2]}; resize inputs to the export size")
+        if pixel_mask is not None and bool(pixel_mask.any()):
+            raise ValueError("the ONNX model has no pixel mask: pass unpadded images of the export size")
+        text = pad_text(text, self.text_len)
+        feed = {"inputs": images.float(), "input_ids": text["input_ids"].long(),
+                "attention_mask": text["attention_mask"].bool(), "position_ids": text["position_ids"].long(),
+                "token_type_ids": text["token_type_ids"].long(), "text_token_mask": text["text_token_mask"].bool()}
+        feed = {k: v.cpu().numpy() for k, v in feed.items()}
+        step = self.batch or len(images)
+        logits, boxes = [], []
+        for start in range(0, len(images), step):
+            part = {k: v[start:start + step] for k, v in feed.items()}
+            short = step - len(part["inputs"])
+            if short:  # a fixed-batch export: fill the last slice with copies of its first item
+                part = {k: _fill(v, step) for k, v in part.items()}
+            out = dict(zip(ONNX_OUTPUTS, self.session.run(list(ONNX_OUTPUTS), part)))
+            logits.append(torch.from_numpy(out["pred_logits"][:step - short]))
+            boxes.append(torch.from_numpy(out["pred_boxes"][:step - short]))
+        return torch.cat(logits), torch.cat(boxes)
+
+
+def _fill(array, size: int):
+    """`array` grown along axis 0 to `size` rows by repeating its first row."""
+    return np.concatenate([array, np.repeat(array[:1], size - len(array), axis=0)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry
+
+
+def register_backend(name: str, target: str, extensions: Sequence[str] = ()) -> None:
+    """Register (or replace) backend `name` as "module:Class" (a Predictor with `load(path, cfg, section)`), and
+    route the given file extensions to it."""
+    module, sep, attribute = target.partition(":")
+    if not sep or not module or not attribute:
+        raise ValueError(f"backend target must look like 'package.module:Class', got {target!r}")
+    _BACKENDS[name] = target
+    for extension in extensions:
+        _EXTENSIONS[extension.lower()] = name
+
+
+def backend_for(path: Union[str, Path]) -> str:
+    """The backend name of a model file, by extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise ValueError(f"{path}: unknown model file type {suffix!r}; use one of {sorted(_EXTENSIONS)} "
+                         f"({', '.join(f'{e} {b}' for e, b in sorted(_EXTENSIONS.items()))})")
+    return _EXTENSIONS[suffix]
+
+
+def _backend_class(name: str):
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise ValueError(f"no predictor backend {name!r} is registered (available: {sorted(_BACKENDS)}); "
+                         "the TensorRT backend comes with grounding_dino.deploy and the 'deploy' extra")
+    module_name, _, attribute = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except ImportError as err:
+        raise ValueError(f"predictor backend {name!r} cannot load: importing {module_name} failed ({err}); install "
+                         "the missing package") from err
+
+
+def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentConfig,
+                   section: str = "evaluate") -> Predictor:
+    """A Predictor for a model in memory (torch) or a file (.pth/.ckpt/.pt torch, .onnx ONNX Runtime, .engine
+    TensorRT). `section` names the spec section the path came from, for error messages and the GPU choice."""
+    if isinstance(path_or_model, nn.Module):
+        return TorchPredictor(path_or_model, _device(cfg, section))
+    path = Path(path_or_model)
+    if not path.is_file():
+        raise FileNotFoundError(f"{section}.checkpoint: {path} does not exist")
+    return _backend_class(backend_for(path)).load(str(path), cfg, section)
