@@ -15,6 +15,8 @@ Action = Callable[[ExperimentConfig], int]
 
 _REGISTRY: Dict[str, str] = {
     "train": "grounding_dino.train:run_training",
+    "evaluate": "grounding_dino.evaluate:run_evaluate",
+    "inference": "grounding_dino.inference:run_inference",
 }
 
 
