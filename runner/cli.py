@@ -117,6 +117,12 @@ def demo(args) -> int:
     return 1
 
 
+def data_cmd(args) -> int:
+    from runner.data_cli import main as data_main
+
+    return data_main(["--help"] if args.data_help else args.data_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillbank", description="Grounding DINO skill bank: jobs, preflight, "
                                                                    "schemas.")
@@ -171,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_parser("generate", help="regenerate from grounding_dino/config.py").set_defaults(
         func=schemas_generate)
     schemas.add_parser("check", help="exit 1 when a generated file is stale").set_defaults(func=schemas_check)
+
+    data = commands.add_parser("data", help="dataset tools: `skillbank data coco2odvg|odvg2coco|contiguous|stats "
+                                            "...`", add_help=False)
+    data.add_argument("-h", "--help", action="store_true", dest="data_help")  # REMAINDER cannot start with an option
+    data.add_argument("data_args", nargs=argparse.REMAINDER)
+    data.set_defaults(func=data_cmd)
 
     commands.add_parser("demo", help="end-to-end demo (not built yet)").set_defaults(func=demo)
     return parser

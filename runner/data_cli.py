@@ -1,0 +1,90 @@
+"""`skillbank data coco2odvg|odvg2coco|contiguous|stats`: dataset conversion and statistics (sdk.data_tools).
+
+Exit codes: 0 success, 2 a file the tools cannot read (the message names it and the fix).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from sdk import data_tools
+from sdk.errors import SkillBankError
+
+
+def _coco2odvg(args) -> int:
+    jsonl, label_map = data_tools.coco_to_odvg(args.coco_file, args.out_dir, args.name)
+    print(jsonl)
+    print(label_map)
+    return 0
+
+
+def _odvg2coco(args) -> int:
+    print(data_tools.odvg_to_coco(args.odvg_file, args.label_map, args.out))
+    return 0
+
+
+def _contiguous(args) -> int:
+    coco, mapping = data_tools.make_contiguous(args.coco_file, args.out)
+    print(coco)
+    print(mapping)
+    return 0
+
+
+def _stats(args) -> int:
+    stats = data_tools.dataset_stats(args.annotation_file, args.label_map, args.text_encoder)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    for key, value in stats.items():
+        print(f"{key:>22}: {value}")
+    print(f"model.num_queries must exceed {stats['boxes_per_image_max']}; model.max_text_len must be at least "
+          f"{stats['tokens_per_caption_max']} (captions of all {stats['classes']} classes need "
+          f"{stats['tokens_all_classes']} tokens; evaluation splits longer ones into several prompts)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skillbank data", description="Dataset tools: COCO <-> ODVG, contiguous "
+                                                                        "category ids, statistics.")
+    tools = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
+
+    sub = tools.add_parser("coco2odvg", help="COCO -> <name>_odvg.jsonl + <name>_odvg_labelmap.json")
+    sub.add_argument("coco_file")
+    sub.add_argument("--out-dir", help="output folder (default: the COCO file's folder)")
+    sub.add_argument("--name", help="output name prefix (default: the COCO file's stem)")
+    sub.set_defaults(func=_coco2odvg)
+
+    sub = tools.add_parser("odvg2coco", help="ODVG JSONL (+ label map) -> COCO JSON")
+    sub.add_argument("odvg_file")
+    sub.add_argument("--label-map", help="<name>_odvg_labelmap.json of detection records")
+    sub.add_argument("--out", help="output COCO file (default <odvg stem>_coco.json)")
+    sub.set_defaults(func=_odvg2coco)
+
+    sub = tools.add_parser("contiguous", help="renumber COCO category ids 0..N-1 and write the old->new map")
+    sub.add_argument("coco_file")
+    sub.add_argument("--out", help="output COCO file (default <stem>_contiguous.json)")
+    sub.set_defaults(func=_contiguous)
+
+    sub = tools.add_parser("stats", help="images, boxes, most boxes per image, classes, caption tokens")
+    sub.add_argument("annotation_file", help="COCO .json or ODVG .jsonl")
+    sub.add_argument("--label-map", help="label map of a detection ODVG file")
+    sub.add_argument("--text-encoder", help="text-encoder folder with vocab.txt, or 'minilm', for exact token "
+                                            "counts (default: an estimate)")
+    sub.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    sub.set_defaults(func=_stats)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SkillBankError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
