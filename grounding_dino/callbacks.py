@@ -189,7 +189,7 @@ class StatusLogger(Callback):
     """Writes TAO-style status.json lines (rank 0): STARTED, one RUNNING line per epoch with timing and KPIs,
     then SUCCESS or FAILURE."""
 
-    KPI_KEYS = ("train_loss", "val_loss", "val_mAP", "val_mAP50")
+    VAL_KEYS = ("val_loss", "val_mAP", "val_mAP50")
 
     def __init__(self, results_dir: str | os.PathLike, num_epochs: int):
         self.path = Path(results_dir) / "status.json"
@@ -198,6 +198,7 @@ class StatusLogger(Callback):
         self._epoch_start = 0.0
         self._step_at_epoch_start = 0
         self._epoch_times: list[float] = []
+        self._validated = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # The rank is known only once the strategy has set up its environment, which precedes this hook.
@@ -210,6 +211,10 @@ class StatusLogger(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.monotonic()
         self._step_at_epoch_start = trainer.global_step
+        self._validated = False
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validated = True
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         elapsed = time.monotonic() - self._epoch_start
@@ -218,7 +223,9 @@ class StatusLogger(Callback):
         remaining = self.num_epochs - (trainer.current_epoch + 1)
         mean_epoch = sum(self._epoch_times) / len(self._epoch_times)
         metrics = trainer.callback_metrics
-        kpi = {key: metrics[key] for key in self.KPI_KEYS if key in metrics}
+        # callback_metrics keep the last validation's values; report them only in the epoch that validated
+        keys = ("train_loss",) + (self.VAL_KEYS if self._validated else ())
+        kpi = {key: metrics[key] for key in keys if key in metrics}
         if trainer.optimizers:
             kpi["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
         self.writer.write(

@@ -93,22 +93,29 @@ class _Tiny:
             def configure_optimizers(self):
                 return torch.optim.AdamW(self.parameters(), lr=0.1)
 
+            def validation_step(self, batch, batch_idx):
+                x, y = batch
+                self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
             def train_dataloader(self):
                 g = torch.Generator().manual_seed(0)
                 data = torch.utils.data.TensorDataset(torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g))
                 return torch.utils.data.DataLoader(data, batch_size=4, shuffle=True)
 
+            val_dataloader = train_dataloader
+
         return Tiny()
 
     @staticmethod
-    def trainer(results, epochs=3, **checkpoint_kwargs):
+    def trainer(results, epochs=3, validate_every=1, **checkpoint_kwargs):
         from lightning.pytorch import Trainer
 
         from grounding_dino.callbacks import AtomicCheckpointIO, GDinoCheckpoint, RngState, StatusLogger
 
         return Trainer(
             accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False, plugins=[AtomicCheckpointIO()], check_val_every_n_epoch=validate_every,
+            num_sanity_val_steps=0,
             callbacks=[GDinoCheckpoint(results, **checkpoint_kwargs), RngState(), StatusLogger(results, epochs)],
         )
 
@@ -135,7 +142,13 @@ def test_checkpoints_every_epoch_named_linked_and_loadable(tmp_path):
     for key in ("epoch", "step", "max_epoch", "max_step", "time_per_epoch", "time_per_step", "eta"):
         assert key in epoch_line, key
     assert (epoch_line["epoch"], epoch_line["step"], epoch_line["max_epoch"], epoch_line["max_step"]) == (2, 6, 3, 6)
-    assert set(epoch_line["kpi"]) == {"train_loss", "lr"} and epoch_line["kpi"]["lr"] == pytest.approx(0.1)
+    assert set(epoch_line["kpi"]) == {"train_loss", "val_loss", "lr"} and epoch_line["kpi"]["lr"] == pytest.approx(0.1)
+
+
+def test_status_reports_val_kpis_only_in_epochs_that_validated(tmp_path):
+    _Tiny.trainer(tmp_path, epochs=4, validate_every=2, every_n_epochs=1).fit(_Tiny.module())
+    lines = [r for r in read_status(tmp_path / "status.json") if r["status"] == "RUNNING"]
+    assert ["val_loss" in r["kpi"] for r in lines] == [False, True, False, True]
 
 
 def test_checkpoint_interval_in_steps(tmp_path):
@@ -400,3 +413,35 @@ def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):
     spec = _spec(tiny_train_spec, tmp_path, **{"train.distributed_strategy": "fsdp"})
     with pytest.raises(ValueError, match="fsdp.*needs CUDA GPUs.*use 'ddp'"):
         build_trainer(_config(spec), tmp_path)
+
+
+@pytest.mark.slow
+def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
+    """Train and validate on the same 8 images until val mAP50 >= 0.9: matcher, losses, post-processing and COCO
+    evaluation must agree for this to happen. Stops at the threshold; fails after 10 minutes."""
+    import time
+
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    from grounding_dino.train import run_training
+
+    torch.set_num_threads(2)
+    val = tiny_train_spec["dataset"]["val_data_sources"]
+    spec = _spec(tiny_train_spec, tmp_path, **{
+        "dataset.train_data_sources": [dict(val)],
+        "dataset.augmentation.horizontal_flip_prob": 0.0,
+        "dataset.augmentation.train_random_crop_min": 128,  # crops and rescales become identities
+        "train.num_epochs": 300, "train.validation_interval": 5, "train.checkpoint_interval": 300,
+        "train.optim.lr": 1e-3, "train.optim.lr_backbone": 1e-3, "train.optim.lr_steps": [300],
+    })
+    stop = EarlyStopping(monitor="val_mAP50", mode="max", stopping_threshold=0.9, patience=300,
+                         check_on_train_epoch_end=False)
+    start = time.monotonic()
+    run_training(_config(spec), callbacks=[stop, Timer(duration={"minutes": 10})])
+    elapsed = time.monotonic() - start
+    lines = [r for r in read_status(tmp_path / "train" / "status.json") if "val_mAP50" in r.get("kpi", {})]
+    best = max(r["kpi"]["val_mAP50"] for r in lines)
+    print(f"val mAP50 {best:.3f} after epoch {lines[-1]['epoch']} in {elapsed:.0f} s")
+    assert best >= 0.9, f"val mAP50 reached only {best:.3f} in {elapsed:.0f} s"
+
