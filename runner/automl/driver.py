@@ -224,8 +224,8 @@ def _summary(study: optuna.Study, trial: FrozenTrial, seconds: float, metric: st
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = max(completed, key=lambda t: (t.value, -t.number), default=None)
     best_text = f"best: trial {best.number} {metric}={best.value:.4f}" if best else "no trial completed yet"
-    used = budget_used(study.get_trials(deepcopy=False))
-    return f"trial {trial.number} {state} {outcome} ({seconds:.1f} s) | {best_text} | {used}/{max_trials} trials"
+    done = budget_used([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    return f"trial {trial.number} {state} {outcome} ({seconds:.1f} s) | {best_text} | {done}/{max_trials} trials done"
 
 
 def _fmt(value: Any) -> str:

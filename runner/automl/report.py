@@ -80,7 +80,9 @@ def _importance(study: optuna.Study, completed: List[FrozenTrial]) -> List[str]:
     if len(completed) < 2:
         return [f"Not computed: {len(completed)} completed trial(s); importance needs at least 2."]
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "few trials per regime": the table shows the counts
+            importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError) as error:
         return [f"Not computed: {error}"]
     lines = ["PED-ANOVA (Optuna's default evaluator), normalised to sum 1:", "", "| key | importance |", "|---|---|"]
@@ -109,7 +111,9 @@ def _plots(study: optuna.Study, root: Path, metric: str, completed: List[FrozenT
             drawn.append((f"{title}: needs at least 2 completed trials", None))
             continue
         with warnings.catch_warnings():
+            # Optuna's matplotlib plots are "experimental"; they also warn about small studies (no legend entries)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)
             axes = draw()
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
         figure.set_size_inches(9, 5)

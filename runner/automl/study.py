@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
@@ -58,16 +59,26 @@ def open_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
     if url.startswith("sqlite"):
         # Workers and the heartbeat thread write concurrently; wait for SQLite's lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
-    with warnings.catch_warnings():
-        # Heartbeats have been "experimental" since Optuna 2.8; they are the documented way to find dead workers.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats have been "experimental" since Optuna 2.8; they are how Optuna finds dead workers.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                )
+        except (OperationalError, IntegrityError):
+            # Workers started together race to create the tables of a new database ("table already exists",
+            # "UNIQUE constraint failed: alembic_version"); the loser finds them on the next try.
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def redact(url: Optional[str]) -> Optional[str]:
