@@ -164,7 +164,8 @@ def build_bert(folder: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     if any((Path(folder) / name).is_file() for name in WEIGHT_FILES):
-        return AutoModel.from_pretrained(folder, add_pooling_layer=False)
+        # from_pretrained returns eval mode; the detector trains BERT with its dropout on, as the official code does
+        return AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
     log.warning("%s holds no weights: the text encoder starts from random init.", folder)
     return AutoModel.from_config(AutoConfig.from_pretrained(folder), add_pooling_layer=False)
 
