@@ -42,8 +42,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Tuple[Sequence[floa
                     colors: Mapping[str, RGB], outline_width: int) -> Image.Image:
     """A copy of `image` with each (xyxy box in pixels, phrase, score) drawn; the best detection ends on top.
 
-    The outline is drawn inside the box (Pillow's rectangle grows inwards); the tag sits above the box, or inside
-    its top edge when the box touches the image top, moved left when it would leave the image.
+    The outline is drawn inside the box (Pillow's rectangle grows inwards). The tag sits above the box, else below
+    it, else inside its top edge (a box of the image's full height), moved left when it would leave the image.
     """
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
@@ -56,7 +56,12 @@ def draw_detections(image: Image.Image, detections: Sequence[Tuple[Sequence[floa
         left, top, right, bottom = draw.textbbox((0, 0), tag, font=font)
         width, height = right - left + 4, bottom - top + 2
         x = max(0, min(x1, out.width - width))  # keep the tag inside the image
-        y = y1 - height if y1 - height >= 0 else y1 + outline_width
-        draw.rectangle((x, y, x + width - 1, y + height), fill=color)
+        if y1 >= height:
+            y = y1 - height
+        elif y2 + height <= out.height:
+            y = y2
+        else:
+            y = y1 + outline_width
+        draw.rectangle((x, y, x + width - 1, y + height - 1), fill=color)
         draw.text((x + 2 - left, y + 1 - top), tag, fill=_text_color(color), font=font)
     return out

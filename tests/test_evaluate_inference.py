@@ -1,0 +1,320 @@
+"""Evaluate and inference actions and the predictor backends, on a briefly trained tiny model.
+
+The tiny run (resnet_18, hidden 64, 1+1 layers, 100 queries, random 2-layer BERT, 8 synthetic 128 px images, one
+epoch) is shared by the slow tests; the others build what they need.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grounding_dino.status import read_status
+
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+def make_spec(tiny_train_spec, results_dir: Path, **overrides) -> dict:
+    """The shared tiny spec with 1+1 layers, results_dir, test = val data, and dotted overrides applied."""
+    spec = copy.deepcopy(tiny_train_spec)
+    spec.pop("_paths")
+    spec["results_dir"] = str(results_dir)
+    spec["model"].update(enc_layers=1, dec_layers=1)
+    spec["dataset"]["test_data_sources"] = dict(spec["dataset"]["val_data_sources"])
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return spec
+
+
+def config(spec: dict):
+    from grounding_dino.config import load_experiment
+
+    return load_experiment(spec)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_train_spec, tmp_path_factory) -> dict:
+    """One epoch of real training; returns the spec, the checkpoint and the epoch's validation KPIs."""
+    import torch
+
+    from grounding_dino.train import run_training
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("trained")
+    spec = make_spec(tiny_train_spec, out, **{"train.num_epochs": 1})
+    assert run_training(config(spec)) == 0
+    kpi = [r["kpi"] for r in read_status(out / "train" / "status.json") if "val_mAP50" in r.get("kpi", {})][-1]
+    return {"spec": spec, "checkpoint": out / "train" / "model_epoch_000_step_00002.pth", "kpi": kpi,
+            "paths": tiny_train_spec["_paths"]}
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+@pytest.mark.slow
+def test_evaluate_equals_the_training_validation(trained, tmp_path):
+    from faster_coco_eval import COCO
+
+    from grounding_dino.evaluate import run_evaluate
+
+    # A zero mAP would make the comparison vacuous: the fixture must produce some correct detections.
+    assert trained["kpi"]["val_mAP50"] > 0, "the tiny run scored no mAP50; make the fixture train longer"
+    spec = copy.deepcopy(trained["spec"])
+    spec["evaluate"] = {"checkpoint": str(trained["checkpoint"]), "results_dir": str(tmp_path / "eval")}
+    assert run_evaluate(config(spec)) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["mAP50"] == pytest.approx(trained["kpi"]["val_mAP50"], abs=1e-6)
+    assert results["mAP"] == pytest.approx(trained["kpi"]["val_mAP"], abs=1e-6)
+    assert {"mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR1", "AR10", "AR100"} <= set(results)
+    status = read_status(tmp_path / "eval" / "status.json")
+    assert [r["status"] for r in status] == ["STARTED", "SUCCESS"]
+    assert status[-1]["kpi"]["test_mAP50"] == results["mAP50"] and status[-1]["kpi"]["test_mAP"] == results["mAP"]
+    gt = COCO(trained["paths"]["val_json_file"])
+    detections = gt.loadRes(str(tmp_path / "eval" / "detections.json"))
+    assert len(detections.getAnnIds()) == 100 * len(gt.getImgIds())  # num_select per image
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_architecture(tiny_train_spec, tmp_path):
+    import torch
+
+    from grounding_dino.evaluate import run_evaluate
+
+    checkpoint = tmp_path / "other.pth"
+    saved = dict(config(make_spec(tiny_train_spec, tmp_path)).model.__dict__, num_queries=300)
+    torch.save({"model": {}, "model_config": saved}, checkpoint)
+    spec = make_spec(tiny_train_spec, tmp_path, **{"evaluate.checkpoint": str(checkpoint)})
+    with pytest.raises(ValueError, match=r"other model settings.*\n  model.num_queries: checkpoint 300, spec 100"):
+        run_evaluate(config(spec))
+    status = read_status(tmp_path / "evaluate" / "status.json")
+    assert status[-1]["status"] == "FAILURE" and "num_queries" in status[-1]["message"]
+    spec["evaluate"]["checkpoint"] = str(tmp_path / "model.bin")
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown model file type '.bin'"):
+        run_evaluate(config(spec))
+
+
+def test_eighty_classes_run_as_several_prompts(tiny_train_spec, tmp_path):
+    """All COCO category names with a 64-token text encoder: split into prompts, every class scored."""
+    import torch
+
+    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.model import build_model
+    from grounding_dino.model.checkpoint import native_checkpoint
+    from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
+    from grounding_dino.predictor import split_prompt
+
+    torch.manual_seed(0)
+    paths = tiny_train_spec["_paths"]
+    val = json.loads(Path(paths["val_json_file"]).read_text())
+    val["categories"] = [{"id": i, "name": name} for i, name in enumerate(COCO_NAMES)]
+    for i, ann in enumerate(val["annotations"]):
+        ann["category_id"] = (17 * i) % len(COCO_NAMES)  # ground truth spread over every prompt
+    (tmp_path / "coco80.json").write_text(json.dumps(val))
+    spec = make_spec(tiny_train_spec, tmp_path, **{
+        "model.max_text_len": 64, "model.num_select": 50,
+        "dataset.test_data_sources": {"image_dir": paths["val_image_dir"], "json_file": str(tmp_path / "coco80.json")},
+    })
+    cfg = config(spec)
+    torch.save(native_checkpoint(build_model(cfg.model)), tmp_path / "random.pth")
+    cfg.evaluate.checkpoint = str(tmp_path / "random.pth")
+
+    chunks = split_prompt(COCO_NAMES, CaptionTokenizer(resolve_text_encoder(cfg.model.text_encoder_type), 64))
+    assert len(chunks) >= 3
+    assert [n for c in chunks for n in c.names] == list(COCO_NAMES)
+    assert [c.offset for c in chunks] == [sum(len(c.names) for c in chunks[:i]) for i in range(len(chunks))]
+    for chunk in chunks:
+        assert chunk.positive_map.shape == (len(chunk.names), 64) and bool(chunk.positive_map.any(1).all())
+
+    assert run_evaluate(cfg) == 0
+    results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert 0.0 <= results["mAP50"] <= 1.0
+    detections = json.loads((tmp_path / "evaluate" / "detections.json").read_text())
+    per_image = {}
+    for d in detections:
+        per_image.setdefault(d["image_id"], []).append(d)
+    assert len(per_image) == len(val["images"]) and all(len(v) == 50 for v in per_image.values())
+    assert max(d["category_id"] for d in detections) >= chunks[1].offset  # labels mapped back to global ids
+
+
+def test_merge_keeps_the_global_top_k():
+    import torch
+
+    from grounding_dino.predictor import merge_detections
+
+    a = {"scores": torch.tensor([0.9, 0.5, 0.1]), "labels": torch.tensor([0, 1, 0]), "boxes": torch.zeros(3, 4)}
+    b = {"scores": torch.tensor([0.7, 0.6]), "labels": torch.tensor([5, 6]), "boxes": torch.ones(2, 4)}
+    merged = merge_detections([a, b], num_select=3)
+    assert merged["scores"].tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert merged["labels"].tolist() == [0, 5, 6]
+    assert merged["boxes"][:, 0].tolist() == [0, 1, 1]
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def _png_folder(paths: dict, folder: Path, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for source in sorted(Path(paths["val_image_dir"]).iterdir())[:count]:
+        with Image.open(source) as image:
+            image.save(folder / f"{source.stem}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_path):
+    from faster_coco_eval import COCO
+    from PIL import Image
+
+    from grounding_dino.inference import run_inference
+
+    images = _png_folder(trained["paths"], tmp_path / "images", 3)
+    spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
+    spec["model"]["num_select"] = 4
+    spec["dataset"]["infer_data_sources"] = {"image_dir": [str(images)], "captions": ["Red Circle", "blue square"]}
+    spec["inference"] = {"checkpoint": str(trained["checkpoint"]), "conf_threshold": 0.0, "outline_width": 2,
+                         "color_map": {"red circle": "#00ff00"}, "batch_size": 2}
+    assert run_inference(config(spec)) == 0
+    out = tmp_path / "inference"
+    assert read_status(out / "status.json")[-1]["status"] == "SUCCESS"
+
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 3 * 4
+    gt = COCO({"images": [{"id": i, "file_name": p.name, "height": 128, "width": 128}
+                          for i, p in enumerate(sorted(images.iterdir()))],
+               "annotations": [], "categories": [{"id": 0, "name": "red circle"}, {"id": 1, "name": "blue square"}]})
+    loaded = gt.loadRes(records)
+    assert len(loaded.getAnnIds()) == 12
+    for record in records:
+        assert record["category_name"] == ["red circle", "blue square"][record["category_id"]]
+        assert record["file_name"] == sorted(p.name for p in images.iterdir())[record["image_id"]]
+
+    from grounding_dino.draw import stable_color
+
+    colors = {"red circle": (0, 255, 0), "blue square": stable_color("blue square")}
+    for image_id, source in enumerate(sorted(images.iterdir())):
+        lines = (out / "labels" / f"{source.stem}.txt").read_text().splitlines()
+        mine = [r for r in records if r["image_id"] == image_id]
+        assert len(lines) == len(mine) == 4
+        for line, record in zip(lines, mine):
+            fields = line.split(" ")
+            assert len(fields) == 16 and fields[0] == record["category_name"].replace(" ", "_")
+            numbers = [float(f) for f in fields[1:]]
+            x, y, w, h = record["bbox"]
+            assert numbers[3:7] == pytest.approx([x, y, x + w, y + h], abs=0.006)
+            assert numbers[14] == pytest.approx(record["score"], abs=6e-5)
+        # The best detection is drawn last, so its whole outline shows its phrase's color.
+        best = max(mine, key=lambda r: r["score"])
+        x1, y1 = round(best["bbox"][0]), round(best["bbox"][1])
+        x2, y2 = round(best["bbox"][0] + best["bbox"][2]), round(best["bbox"][1] + best["bbox"][3])
+        assert x2 - x1 >= 4 and y2 - y1 >= 4, "the best box is too small to check its outline"
+        drawn = Image.open(out / "images_annotated" / source.name).convert("RGB")
+        outline = [(x, y) for x in range(x1, x2) for y in (y1, y2 - 1)] + \
+                  [(x, y) for y in range(y1, y2) for x in (x1, x2 - 1)]
+        assert {drawn.getpixel(p) for p in outline} == {colors[best["category_name"]]}
+        inside = (x1 + 2 + (x2 - x1 - 4) // 2, y1 + 2 + (y2 - y1 - 4) // 2)  # past the 2 px outline
+        assert drawn.getpixel(inside) == Image.open(source).convert("RGB").getpixel(inside)
+
+
+@pytest.mark.slow
+def test_images_without_detections_get_empty_labels_and_a_copy(trained, tmp_path):
+    from PIL import Image, ImageChops
+
+    from grounding_dino.inference import run_inference
+
+    images = _png_folder(trained["paths"], tmp_path / "images", 2)
+    spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
+    spec["dataset"]["infer_data_sources"] = {"image_dir": [str(images)], "captions": ["red circle"]}
+    spec["inference"] = {"checkpoint": str(trained["checkpoint"]), "conf_threshold": 1.0}
+    assert run_inference(config(spec)) == 0
+    out = tmp_path / "inference"
+    assert json.loads((out / "results.json").read_text()) == []
+    for source in images.iterdir():
+        assert (out / "labels" / f"{source.stem}.txt").read_text() == ""
+        copy_ = Image.open(out / "images_annotated" / source.name).convert("RGB")
+        assert ImageChops.difference(copy_, Image.open(source).convert("RGB")).getbbox() is None
+
+
+def test_image_listing_and_output_names(tmp_path):
+    from grounding_dino.inference import list_images
+
+    for folder in ("one", "two/sub"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("one/a.jpg", "one/b.PNG", "one/notes.txt", "two/a.png", "two/sub/c.jpeg"):
+        (tmp_path / name).write_bytes(b"")
+    flat = list_images([str(tmp_path / "one")], keep_structure=False)
+    assert [(p.name, str(o)) for p, o in flat] == [("a.jpg", "a.jpg"), ("b.PNG", "b.PNG")]
+    with pytest.raises(ValueError, match=r"a.jpg and .*a.png would both write outputs named a\.\*; set "
+                                         "inference.is_internal true"):
+        list_images([str(tmp_path / "one"), str(tmp_path / "two")], keep_structure=False)
+    kept = list_images([str(tmp_path / "one"), str(tmp_path / "two")], keep_structure=True)
+    assert [str(o) for _, o in kept] == ["one/a.jpg", "one/b.PNG", "two/a.png", "two/sub/c.jpeg"]
+    with pytest.raises(ValueError, match=r"image_dir\[0\]: .* is not a folder"):
+        list_images([str(tmp_path / "missing")], keep_structure=False)
+
+
+def test_kitti_line_and_phrase_colors():
+    from grounding_dino.draw import phrase_colors, stable_color
+    from grounding_dino.inference import kitti_line
+
+    line = kitti_line("red  sports car", [1, 2.5, 30.125, 40], 0.87654)
+    assert line == "red_sports_car 0.00 0 0.00 1.00 2.50 30.12 40.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 0.8765"
+    assert stable_color("dog") == stable_color("dog") != stable_color("cat")
+    colors = phrase_colors(["dog", "cat"], {"Dog": "red"})
+    assert colors == {"dog": (255, 0, 0), "cat": stable_color("cat")}
+    with pytest.raises(ValueError, match=r"inference.color_map\['cat'\]: 'reddish' is not a color"):
+        phrase_colors(["cat"], {"cat": "reddish"})
+
+
+# ------------------------------------------------------------------------------------------------ predictors
+def test_pad_text_matches_padding_by_the_tokenizer(tiny_train_spec):
+    import torch
+
+    from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
+    from grounding_dino.predictor import pad_text
+
+    tokenizer = CaptionTokenizer(resolve_text_encoder(tiny_train_spec["model"]["text_encoder_type"]), 256)
+    captions = ["red circle . blue square .", "a dog ."]
+    padded = pad_text(tokenizer(captions), 256)
+    full = tokenizer(captions, pad_to_max=True)
+    assert set(padded) == set(full)
+    for key in full:
+        assert torch.equal(padded[key], full[key]), key
+
+
+def test_backend_registry_by_extension(tiny_train_spec, tmp_path):
+    from grounding_dino import predictor
+
+    assert [predictor.backend_for(f"m{ext}") for ext in (".pth", ".ckpt", ".onnx", ".engine")] == \
+        ["torch", "torch", "onnx", "tensorrt"]
+    cfg = config(make_spec(tiny_train_spec, tmp_path))
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"")
+    if "tensorrt" not in predictor._BACKENDS:
+        with pytest.raises(ValueError, match="no predictor backend 'tensorrt' is registered"):
+            predictor.load_predictor(engine, cfg)
+    with pytest.raises(FileNotFoundError, match="inference.checkpoint: .*nope.onnx does not exist"):
+        predictor.load_predictor(tmp_path / "nope.onnx", cfg, "inference")
+    with pytest.raises(ValueError, match="must look like 'package.module:Class'"):
+        predictor.register_backend("x", "no_colon")
+
+
+@pytest.mark.slow
+def test_onnx_predictor_matches_torch(trained, tmp_path):
+    export = pytest.importorskip("grounding_dino.export", reason="grounding_dino/export.py (export_onnx) is not "
+                                                                 "built yet")
+    if not hasattr(export, "export_onnx"):
+        pytest.skip("grounding_dino.export has no export_onnx yet")
