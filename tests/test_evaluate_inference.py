@@ -313,8 +313,58 @@ def test_backend_registry_by_extension(tiny_train_spec, tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_predictor_matches_torch(trained, tmp_path):
-    export = pytest.importorskip("grounding_dino.export", reason="grounding_dino/export.py (export_onnx) is not "
-                                                                 "built yet")
-    if not hasattr(export, "export_onnx"):
-        pytest.skip("grounding_dino.export has no export_onnx yet")
+def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
+    """The same checkpoint exported to ONNX: evaluate and inference on ONNX Runtime match the PyTorch path run at
+    the export's fixed input size."""
+    import torch
+
+    export = pytest.importorskip("grounding_dino.export", reason="grounding_dino/export.py is not built yet")
+    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.inference import run_inference
+    from grounding_dino.predictor import OnnxPredictor, load_predictor
+
+    width, height = 160, 128
+    spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
+    spec["model"]["num_select"] = 20
+    spec["dataset"]["infer_data_sources"] = {"image_dir": [trained["paths"]["val_image_dir"]],
+                                             "captions": ["red circle", "green square", "blue circle"]}
+    torch_model = load_predictor(str(trained["checkpoint"]), config(spec))
+    onnx_file = export.export_onnx(torch_model.model, tmp_path / "model.onnx",
+                                   export.sample_inputs(torch_model.model, config(spec), width, height, 2),
+                                   dynamic_batch=True)
+    onnx_model = load_predictor(onnx_file, config(spec))
+    assert isinstance(onnx_model, OnnxPredictor) and onnx_model.input_size == (width, height)
+
+    # predictor level: the same images and text, three at a time (the export traced two)
+    images = torch.randn(3, 3, height, width)
+    text = torch_model.tokenizer(["red circle . blue square .", "green circle .", "blue square ."])
+    expected, got = torch_model.predict(images, None, text), onnx_model.predict(images, None, text)
+    finite = torch.isfinite(expected[0])
+    assert torch.equal(finite, torch.isfinite(got[0]))
+    assert (expected[0][finite] - got[0][finite]).abs().max() < 1e-3
+    assert (expected[1] - got[1]).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="takes 160x128 images, got 128x128"):
+        onnx_model.predict(torch.randn(1, 3, 128, 128), None, text)
+
+    fixed = {"input_width": width, "input_height": height}
+    runs = {"torch": (str(trained["checkpoint"]), fixed), "onnx": (str(onnx_file), {})}
+    outputs = {}
+    for name, (model, size) in runs.items():
+        spec["evaluate"] = {"checkpoint": model, "results_dir": str(tmp_path / name / "evaluate"), **size}
+        spec["inference"] = {"checkpoint": model, "results_dir": str(tmp_path / name / "inference"),
+                             "conf_threshold": 0.0, **size}
+        cfg = config(spec)
+        assert run_evaluate(cfg) == 0 and run_inference(cfg) == 0
+        outputs[name] = (json.loads((tmp_path / name / "evaluate" / "results.json").read_text()),
+                         json.loads((tmp_path / name / "inference" / "results.json").read_text()))
+    (torch_metrics, torch_detections), (onnx_metrics, onnx_detections) = outputs["torch"], outputs["onnx"]
+    assert onnx_metrics == pytest.approx(torch_metrics, abs=1e-6)
+    assert len(onnx_detections) == len(torch_detections) == 8 * 20
+    # Each PyTorch detection has an ONNX twin (near-equal scores may be listed in another order).
+    unmatched = list(onnx_detections)
+    for a in torch_detections:
+        twin = min((b for b in unmatched if (b["image_id"], b["category_id"]) == (a["image_id"], a["category_id"])),
+                   key=lambda b: max(abs(u - v) for u, v in zip(a["bbox"], b["bbox"])))
+        assert twin["bbox"] == pytest.approx(a["bbox"], abs=1e-2) and twin["score"] == pytest.approx(a["score"],
+                                                                                                       abs=1e-4)
+        unmatched.remove(twin)
