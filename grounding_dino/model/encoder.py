@@ -54,9 +54,10 @@ def encoder_reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios
     """Centre of every pixel of every level, normalised by that image's valid area: [B, S, nL, 2]."""
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
+        # arange, not linspace: the ONNX exporter folds linspace into float64 constants (GridSample then fails).
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+            torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+            torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)

@@ -24,8 +24,8 @@ def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shape
         valid_h = (~mask[:, :, 0]).sum(1)
         valid_w = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-            torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+            torch.arange(h, dtype=memory.dtype, device=memory.device),  # not linspace: see encoder_reference_points
+            torch.arange(w, dtype=memory.dtype, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)
@@ -102,7 +102,7 @@ class Transformer(nn.Module):
             if scores.shape[1] < self.num_queries:
                 raise ValueError(f"model.num_queries {self.num_queries} exceeds the {scores.shape[1]} image tokens of "
                                  f"this input; use larger images or fewer queries.")
-            topk = torch.topk(scores, self.num_queries, dim=1)[1]
+            topk = _top_indices(scores, self.num_queries)
             selected_coords = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
             selected_memory = torch.gather(object_memory, 1, topk[..., None].expand(-1, -1, object_memory.shape[-1]))
             reference = selected_coords.detach().sigmoid()
@@ -123,3 +123,14 @@ def _valid_ratio(mask: Tensor) -> Tensor:
     valid_h = (~mask[:, :, 0]).sum(1).float() / h
     valid_w = (~mask[:, 0, :]).sum(1).float() / w
     return torch.stack([valid_w, valid_h], -1)
+
+
+def _top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k best scores per row, ties broken by the lower index as ONNX TopK specifies.
+
+    Zeroed border proposals tie exactly; torch.topk orders ties arbitrarily, so eager runs use a stable sort and an
+    exported graph (where a stable sort cannot be expressed) uses TopK, and both pick the same queries.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(scores, k, dim=1)[1]
+    return scores.sort(dim=1, descending=True, stable=True)[1][:, :k]
