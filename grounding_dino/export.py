@@ -1,0 +1,312 @@
+"""The export action: a checkpoint -> an ONNX file with the deploy contract, checked against PyTorch.
+
+The contract (DESIGN.md "Export", grounding-dino.md §7): inputs `inputs` [B,3,H,W] float32, `input_ids`,
+`attention_mask` (bool), `position_ids`, `token_type_ids` [B,L], `text_token_mask` [B,L,L] bool; outputs
+`pred_logits` [B,Q,L] and `pred_boxes` [B,Q,4], L = model.max_text_len. The text masks and position ids are
+inputs: the caller builds them with the tokenizer's `sub_sentence_masks`, the function training uses, so the graph
+holds no mask-building ops (those are what break other exporters). The legacy TorchScript exporter is used because
+it honours opset 17; the dynamo exporter silently moves to 18.
+
+After writing the file the action checks it: onnx.checker, then ONNX Runtime against PyTorch on rendered sample
+images with their captions (two images with different captions when the batch is dynamic, so the batch axis is
+exercised), and fails when the largest difference on finite logits or on boxes exceeds export.verify_tolerance.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from grounding_dino.config import ExperimentConfig
+from grounding_dino.data.synthetic import render, vocabulary
+from grounding_dino.data.transforms import build_transforms
+from grounding_dino.evaluate import results_folder
+from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
+from grounding_dino.status import StatusWriter
+
+log = logging.getLogger(__name__)
+
+BATCH_AXIS = "batch"
+# Names drawn in the sample images; any BERT vocabulary tokenises them.
+SAMPLE_NAMES = vocabulary(("red", "green", "blue"), ("circle", "square", "triangle"))
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported graph does not reproduce PyTorch within export.verify_tolerance."""
+
+
+class ContractModule(nn.Module):
+    """Positional inputs in contract order (what torch.onnx traces) around GroundingDINO.forward_export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
+        return self.model.forward_export(inputs, input_ids, attention_mask, position_ids, token_type_ids,
+                                         text_token_mask)
+
+
+def export_path(cfg: ExperimentConfig) -> Path:
+    """export.onnx_file, else <export results folder>/model.onnx."""
+    if cfg.export.onnx_file:
+        return Path(cfg.export.onnx_file)
+    return results_folder(cfg, "export") / "model.onnx"
+
+
+def sample_inputs(model: nn.Module, cfg: ExperimentConfig, width: int, height: int, batch: int,
+                  seed: int = 0) -> Dict[str, Tensor]:
+    """`batch` rendered shape images, each with a caption of its own shape names, as contract inputs."""
+    transforms = build_transforms(cfg.dataset.augmentation, train=False, input_size=(width, height))
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for _ in range(batch):
+        image, objects = render(rng, SAMPLE_NAMES, size=max(width, height), max_objects=3)
+        names = sorted({name for name, _ in objects}) or [SAMPLE_NAMES[0]]
+        empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+        images.append(transforms(image, empty, rng)[0])
+        captions.append(" . ".join(names) + " .")
+    text = model.tokenizer(captions, pad_to_max=True)
+    return {"inputs": torch.stack(images), **{name: text[name] for name in ONNX_INPUTS[1:]}}
+
+
+def export_onnx(model: nn.Module, path: Path, example: Dict[str, Tensor], *, dynamic_batch: bool,
+                opset_version: int = 17, verbose: bool = False) -> Path:
+    """Trace `model` (a GroundingDINO in eval mode) on `example` into `path` with the contract's names and shapes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ContractModule(model).eval()
+    args = tuple(example[name] for name in ONNX_INPUTS)
+    axes = {name: {0: BATCH_AXIS} for name in ONNX_INPUTS + ONNX_OUTPUTS} if dynamic_batch else None
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns about every Python-side shape check; they are constants for a fixed input size.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=opset_version,
+                          input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS), dynamic_axes=axes,
+                          do_constant_folding=True, verbose=verbose)
+    batch = BATCH_AXIS if dynamic_batch else example["inputs"].shape[0]
+    _set_output_shapes(path, {"pred_logits": [batch, model.cfg.num_queries, model.max_text_len],
+                              "pred_boxes": [batch, model.cfg.num_queries, 4]})
+    return path
+
+
+def _set_output_shapes(path: Path, shapes: Dict[str, list]) -> None:
+    """Write the output shapes the contract promises (the tracer leaves Q and L as anonymous symbols)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims, shapes[output.name]):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    onnx.save(proto, str(path))
+
+
+@dataclass
+class Verification:
+    """ONNX Runtime vs PyTorch. Query selection (TopK over encoder scores) flips between near-tied proposals under
+    float noise, so PyTorch is re-run with the selection ONNX Runtime made: the differences then measure the graph,
+    not the tie-break. `max_abs_diff_selection` compares the scores of the two selections, `queries_reselected`
+    counts the slots where they picked different proposals."""
+
+    max_abs_diff_logits: float
+    max_abs_diff_boxes: float
+    max_abs_diff_selection: float
+    queries_reselected: int
+    batch_sizes: Tuple[int, ...]
+
+    def worst(self) -> float:
+        return max(self.max_abs_diff_logits, self.max_abs_diff_boxes, self.max_abs_diff_selection)
+
+    def kpi(self) -> Dict[str, float]:
+        return {"max_abs_diff_logits": self.max_abs_diff_logits, "max_abs_diff_boxes": self.max_abs_diff_boxes,
+                "max_abs_diff_selection": self.max_abs_diff_selection, "queries_reselected": self.queries_reselected}
+
+
+def check_contract(path: Path, *, max_text_len: int, num_queries: int, width: int, height: int,
+                   batch: int = -1) -> None:
+    """onnx.checker plus the contract's names, element types and shapes; raises ValueError listing differences."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    b = BATCH_AXIS if batch == -1 else batch
+    expected = {
+        "inputs": (onnx.TensorProto.FLOAT, [b, 3, height, width]),
+        "input_ids": (onnx.TensorProto.INT64, [b, max_text_len]),
+        "attention_mask": (onnx.TensorProto.BOOL, [b, max_text_len]),
+        "position_ids": (onnx.TensorProto.INT64, [b, max_text_len]),
+        "token_type_ids": (onnx.TensorProto.INT64, [b, max_text_len]),
+        "text_token_mask": (onnx.TensorProto.BOOL, [b, max_text_len, max_text_len]),
+        "pred_logits": (onnx.TensorProto.FLOAT, [b, num_queries, max_text_len]),
+        "pred_boxes": (onnx.TensorProto.FLOAT, [b, num_queries, 4]),
+    }
+    found = {}
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        tensor = value.type.tensor_type
+        found[value.name] = (tensor.elem_type, [d.dim_param or d.dim_value for d in tensor.shape.dim])
+    order = [v.name for v in proto.graph.input], [v.name for v in proto.graph.output]
+    problems = []
+    if order != (list(ONNX_INPUTS), list(ONNX_OUTPUTS)):
+        problems.append(f"inputs/outputs are {order[0]} -> {order[1]}, expected {list(ONNX_INPUTS)} -> "
+                        f"{list(ONNX_OUTPUTS)}")
+    for name, (dtype, shape) in expected.items():
+        if name in found and found[name] != (dtype, shape):
+            got_type, got_shape = found[name]
+            problems.append(f"{name}: {onnx.TensorProto.DataType.Name(got_type)} {got_shape}, expected "
+                            f"{onnx.TensorProto.DataType.Name(dtype)} {shape}")
+    if problems:
+        raise ValueError(f"{path} does not follow the export contract:\n  " + "\n  ".join(problems))
+
+
+def _with_selection_output(path: Path, folder: Path) -> Tuple[Path, str | None]:
+    """A copy of the graph that also outputs the query-selection indices (the one TopK), and that output's name;
+    the graph itself when there is no TopK (two_stage_type 'no')."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    topk = [node for node in proto.graph.node if node.op_type == "TopK"]
+    if len(topk) != 1:
+        return path, None
+    name = topk[0].output[1]
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    copy = folder / path.name
+    onnx.save_model(proto, str(copy), save_as_external_data=proto.ByteSize() > 2**31 - 2**26)
+    return copy, name
+
+
+@contextmanager
+def _forced_selection(selection: Tensor | None, seen: Dict[str, Tensor]):
+    """PyTorch picks `selection` (None: its own choice) as its queries; `seen` receives scores and own choice."""
+    from grounding_dino.model import transformer
+
+    original = transformer._top_indices
+
+    def pick(scores: Tensor, k: int) -> Tensor:
+        seen["scores"], seen["own"] = scores, original(scores, k)
+        return seen["own"] if selection is None else selection.to(scores.device)
+
+    transformer._top_indices = pick
+    try:
+        yield
+    finally:
+        transformer._top_indices = original
+
+
+def compare_with_torch(path: Path, model: nn.Module, feeds: Sequence[Dict[str, Tensor]]) -> Verification:
+    """Largest |ONNX Runtime - PyTorch| over `feeds` on logits finite in both (padding is -inf), on boxes and on
+    the selected queries' scores, PyTorch re-run with ONNX Runtime's query selection (see Verification).
+
+    Raises ExportVerificationError when the two disagree on which logits are finite.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    device = next(model.parameters()).device
+    diff_logits = diff_boxes = diff_selection = 0.0
+    reselected = 0
+    with tempfile.TemporaryDirectory() as folder:
+        graph, selection_name = _with_selection_output(path, Path(folder))
+        session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        names = list(ONNX_OUTPUTS) + ([selection_name] if selection_name else [])
+        for feed in feeds:
+            got = session.run(names, {name: feed[name].numpy() for name in ONNX_INPUTS})
+            selection = torch.from_numpy(got[2]) if selection_name else None
+            seen: Dict[str, Tensor] = {}
+            with torch.no_grad(), _forced_selection(selection, seen):
+                expected = model.forward_export(*(feed[name].to(device) for name in ONNX_INPUTS))
+            expected = [t.float().cpu().numpy() for t in expected]
+            finite = np.isfinite(expected[0])
+            if not np.array_equal(finite, np.isfinite(got[0])):
+                raise ExportVerificationError(
+                    f"{path}: ONNX Runtime and PyTorch disagree on which logits are finite (text padding) at batch "
+                    f"{len(feed['inputs'])}")
+            diff_logits = max(diff_logits, float(np.abs(got[0][finite] - expected[0][finite]).max(initial=0.0)))
+            diff_boxes = max(diff_boxes, float(np.abs(got[1] - expected[1]).max(initial=0.0)))
+            if selection is not None:
+                scores, own = seen["scores"].float().cpu(), seen["own"].cpu()
+                chosen = scores.gather(1, selection).sort(dim=1, descending=True).values
+                best = scores.gather(1, own).sort(dim=1, descending=True).values
+                diff_selection = max(diff_selection, float((chosen - best).abs().max()))
+                reselected += int((selection != own).sum())
+    return Verification(diff_logits, diff_boxes, diff_selection, reselected, tuple(len(f["inputs"]) for f in feeds))
+
+
+def verification_feeds(model: nn.Module, cfg: ExperimentConfig, batch: int) -> List[Dict[str, Tensor]]:
+    """Batch 1 and 2 for a dynamic export (different images and captions per row), else the fixed batch."""
+    width, height = cfg.export.input_width, cfg.export.input_height
+    sizes = (1, 2) if batch == -1 else (batch,)
+    return [sample_inputs(model, cfg, width, height, size, seed=size) for size in sizes]
+
+
+def export_model(model: nn.Module, cfg: ExperimentConfig, path: Path) -> Tuple[Path, Verification | None]:
+    """Export `model` as the spec's export section says, check the contract and (export.verify) compare with
+    PyTorch; raises ExportVerificationError above export.verify_tolerance."""
+    options = cfg.export
+    if options.input_channel != 3:
+        raise ValueError(f"export.input_channel {options.input_channel}: Grounding DINO takes RGB (3 channels)")
+    model = model.eval()
+    batch = options.batch_size
+    if batch == 0:
+        raise ValueError("export.batch_size 0: use -1 for a dynamic batch or a positive fixed batch size")
+    # Trace at batch 2 when dynamic, so no size-1 axis gets folded into a constant.
+    example = sample_inputs(model, cfg, options.input_width, options.input_height, 2 if batch == -1 else batch)
+    export_onnx(model, path, example, dynamic_batch=batch == -1, opset_version=options.opset_version,
+                verbose=options.verbose)
+    check_contract(path, max_text_len=model.max_text_len, num_queries=model.cfg.num_queries,
+                   width=options.input_width, height=options.input_height, batch=batch)
+    if not options.verify:
+        return path, None
+    result = compare_with_torch(path, model, verification_feeds(model, cfg, batch))
+    if result.worst() > options.verify_tolerance:
+        raise ExportVerificationError(
+            f"{path}: ONNX Runtime differs from PyTorch by {result.max_abs_diff_logits:.3g} on logits, "
+            f"{result.max_abs_diff_boxes:.3g} on boxes and {result.max_abs_diff_selection:.3g} on the selected "
+            f"queries' scores, above export.verify_tolerance {options.verify_tolerance:g}; the file is kept for "
+            "inspection")
+    return path, result
+
+
+def load_for_export(path: str, cfg: ExperimentConfig, section: str = "export") -> nn.Module:
+    """The checkpoint's model, built from the spec's model section (structural conflicts with the checkpoint's
+    saved settings are refused, naming the keys), on export.gpu_id unless export.on_cpu."""
+    device = "cpu" if cfg.export.on_cpu or not torch.cuda.is_available() else f"cuda:{cfg.export.gpu_id}"
+    return TorchPredictor.load(path, cfg, section).model.to(device).eval()
+
+
+def run_export(cfg: ExperimentConfig) -> int:
+    """The `export` action: export.checkpoint -> export.onnx_file (or <results>/export/model.onnx); returns 0."""
+    results_dir = results_folder(cfg, "export")
+    status = StatusWriter(results_dir / "status.json")
+    status.write("STARTED", "Starting export.")
+    try:
+        if not cfg.export.checkpoint:
+            raise ValueError("export.checkpoint is not set: give the .pth checkpoint to export")
+        if not Path(cfg.export.checkpoint).is_file():
+            raise FileNotFoundError(f"export.checkpoint: {cfg.export.checkpoint} does not exist")
+        model = load_for_export(cfg.export.checkpoint, cfg)
+        path, result = export_model(model, cfg, export_path(cfg))
+    except Exception as err:
+        status.write("FAILURE", f"Export failed: {type(err).__name__}: {err}", verbosity="ERROR")
+        raise
+    message = f"Exported {path}."
+    if result is not None:
+        message += (f" ONNX Runtime matches PyTorch at batch {', '.join(map(str, result.batch_sizes))}: max |diff| "
+                    f"{result.max_abs_diff_logits:.3g} on logits, {result.max_abs_diff_boxes:.3g} on boxes, "
+                    f"{result.max_abs_diff_selection:.3g} on selection scores ({result.queries_reselected} near-tied "
+                    "queries picked in another order).")
+    print(message)
+    status.write("SUCCESS", message, onnx_file=str(path), kpi=result.kpi() if result else None)
+    return 0
