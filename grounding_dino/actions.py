@@ -17,6 +17,7 @@ _REGISTRY: Dict[str, str] = {
     "train": "grounding_dino.train:run_training",
     "evaluate": "grounding_dino.evaluate:run_evaluate",
     "inference": "grounding_dino.inference:run_inference",
+    "export": "grounding_dino.export:run_export",
 }
 
 
