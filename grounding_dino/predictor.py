@@ -11,6 +11,7 @@ With one prompt this is exactly the validation path of training (same caption, p
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -175,16 +176,19 @@ class TorchPredictor(Predictor):
         from grounding_dino.model.checkpoint import config_conflicts, load_weights
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        saved = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
-        if saved is not None:
-            conflicts = config_conflicts(saved, cfg.model)
-            if conflicts:
-                raise ValueError(f"{section}.checkpoint {path} was trained with other model settings; set these in "
-                                 "the spec:\n  " + "\n  ".join(conflicts))
-        # The backbone must be built as in training (frozen or trainable norms), so its buffers match.
-        pretrained = bool(checkpoint.get("backbone_pretrained", False)) if isinstance(checkpoint, dict) else False
-        model = build_model(cfg.model, backbone_pretrained=pretrained)
-        load_weights(model, checkpoint if isinstance(checkpoint, dict) else path)
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{section}.checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+        conflicts = config_conflicts(checkpoint.get("model_config", {}), cfg.model)
+        if conflicts:
+            raise ValueError(f"{section}.checkpoint {path} was trained with other model settings; set these in the "
+                             "spec:\n  " + "\n  ".join(conflicts))
+        # The checkpoint holds the backbone too, so model.pretrained_backbone_path is not read again. The norm layers
+        # are built as in training (our checkpoints record it; other sources are pretrained weights), so the
+        # numbers match training validation exactly.
+        frozen_norm = checkpoint.get("backbone_pretrained", True) or bool(cfg.model.pretrained_backbone_path)
+        model = build_model(dataclasses.replace(cfg.model, pretrained_backbone_path=None),
+                            backbone_pretrained=frozen_norm)
+        load_weights(model, checkpoint)
         return cls(model, _device(cfg, section))
 
     @torch.inference_mode()

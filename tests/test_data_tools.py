@@ -184,8 +184,8 @@ def test_bad_coco_is_named(tmp_path, mutate, message):
 def test_bad_odvg_is_named_by_line(tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"file_name": "a.jpg", "height": 5, "width": 5, "detection": {"instances": []}}\n\n'
-                     '{"file_name": "b.jpg", "height": 5, "width": 5, "detection": {"instances": [{"bbox": [0, 0, 1, 1], '
-                     '"label": 4}]}}\n')
+                     '{"file_name": "b.jpg", "height": 5, "width": 5, "detection": {"instances": '
+                     '[{"bbox": [0, 0, 1, 1], "label": 4}]}}\n')
     label_map = write(tmp_path / "map.json", {"0": "cat"})
     with pytest.raises(DataToolError, match=r"bad.jsonl line 3 detection.instances\[0\]: label 4 is not in the label"):
         data_tools.odvg_to_coco(jsonl, label_map)
