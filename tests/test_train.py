@@ -337,6 +337,7 @@ class _WeightProbe:
 
             def on_train_end(self, trainer, pl_module):
                 self.after = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+                self.metrics = set(trainer.callback_metrics)
 
         return Probe()
 
@@ -346,7 +347,7 @@ def dry_run_frozen(tiny_train_spec, tmp_path_factory):
     from grounding_dino.train import run_training
 
     out = tmp_path_factory.mktemp("dry_run")
-    spec = _spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5,
+    spec = _spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5, "train.verbose": True,
                                           "train.freeze": ["backbone.0", "bert"]})
     probe = _WeightProbe.make()
     assert run_training(_config(spec), callbacks=[probe]) == 0
@@ -360,6 +361,8 @@ def test_dry_run_is_one_batch_of_train_and_val(dry_run_frozen):
     assert [r["status"] for r in records] == ["STARTED", "RUNNING", "SUCCESS"]
     assert records[1]["step"] == 1 and records[1]["max_step"] == 1
     assert {"train_loss", "val_loss", "val_mAP", "val_mAP50"} <= set(records[1]["kpi"])
+    # train.verbose logs every weighted loss term: final layer, aux layer 0 and the encoder proposals
+    assert {"train_loss_ce", "train_loss_giou_0", "train_loss_bbox_interm", "val_loss_ce"} <= probe.metrics
 
 
 def test_freeze_keeps_prefixed_weights_and_trains_the_rest(dry_run_frozen):
