@@ -47,7 +47,7 @@ def draw_detections(image: Image.Image, detections: Sequence[Tuple[Sequence[floa
     """
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(10, round(min(out.size) / 40)))  # readable on large images too
     for box, phrase, score in sorted(detections, key=lambda d: d[2]):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         color = colors[phrase]

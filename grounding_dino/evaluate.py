@@ -1,4 +1,5 @@
-"""The evaluate action: COCO box mAP of a checkpoint (.pth) or an exported model (.onnx) on dataset.test_data_sources.
+"""The evaluate action: COCO box mAP of a checkpoint (.pth), an exported model (.onnx) or a TensorRT engine
+(evaluate.trt_engine, with the deploy backend) on dataset.test_data_sources.
 
 It runs the pieces training validation runs, so a checkpoint scores here what it scored as val_mAP50 on the same
 data: the loader of build_dataloader (eval transforms, batch size, fixed padding), the caption of all category names
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.evaluation import CocoEvaluator
-from grounding_dino.predictor import Predictor, load_predictor, split_prompt
+from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
 from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,12 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
 
 
 def run_evaluate(cfg: ExperimentConfig) -> int:
-    """The `evaluate` action: evaluate.checkpoint on dataset.test_data_sources; returns 0."""
+    """The `evaluate` action: evaluate.checkpoint (or trt_engine) on dataset.test_data_sources; returns 0."""
     results_dir = results_folder(cfg, "evaluate")
     status = StatusWriter(results_dir / "status.json")
     status.write("STARTED", "Starting evaluation.")
     try:
-        if not cfg.evaluate.checkpoint:
-            raise ValueError("evaluate.checkpoint is not set: give a .pth checkpoint or an .onnx model")
-        predictor = load_predictor(cfg.evaluate.checkpoint, cfg, "evaluate")
+        predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
         metrics = evaluate(cfg, predictor, results_dir / "detections.json")
     except Exception as err:
         status.write("FAILURE", f"Evaluation failed: {type(err).__name__}: {err}", verbosity="ERROR")

@@ -1,4 +1,5 @@
-"""The inference action: text-prompted detection on folders of images with a checkpoint (.pth) or an .onnx model.
+"""The inference action: text-prompted detection on folders of images with a checkpoint (.pth), an .onnx model or a
+TensorRT engine (inference.trt_engine, with the deploy backend).
 
 Inputs: dataset.infer_data_sources.image_dir (one or several folders, searched recursively) and .captions (the
 phrases; label i is captions[i]). Images keep their aspect ratio (shorter side dataset.augmentation.
@@ -35,7 +36,7 @@ from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.draw import draw_detections, phrase_colors
 from grounding_dino.evaluate import results_folder
-from grounding_dino.predictor import Predictor, load_predictor, split_prompt
+from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
 from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
@@ -151,14 +152,12 @@ def _write_image(path: Path, out: Path, found, colors, outline_width: int, resul
 
 
 def run_inference(cfg: ExperimentConfig) -> int:
-    """The `inference` action: inference.checkpoint on dataset.infer_data_sources; returns 0."""
+    """The `inference` action: inference.checkpoint (or trt_engine) on dataset.infer_data_sources; returns 0."""
     results_dir = results_folder(cfg, "inference")
     status = StatusWriter(results_dir / "status.json")
     status.write("STARTED", "Starting inference.")
     try:
-        if not cfg.inference.checkpoint:
-            raise ValueError("inference.checkpoint is not set: give a .pth checkpoint or an .onnx model")
-        predictor = load_predictor(cfg.inference.checkpoint, cfg, "inference")
+        predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
         records = infer(cfg, predictor, results_dir)
     except Exception as err:
         status.write("FAILURE", f"Inference failed: {type(err).__name__}: {err}", verbosity="ERROR")

@@ -322,6 +322,19 @@ def _backend_class(name: str):
                          "the missing package") from err
 
 
+def model_path(cfg: ExperimentConfig, section: str) -> str:
+    """The model file `section` (evaluate or inference) names: its checkpoint (.pth/.onnx) or its trt_engine."""
+    options = getattr(cfg, section)
+    given = {key: getattr(options, key) for key in ("checkpoint", "trt_engine") if getattr(options, key)}
+    if len(given) != 1:
+        raise ValueError(f"set exactly one of {section}.checkpoint (.pth checkpoint or .onnx model) and "
+                         f"{section}.trt_engine (TensorRT engine); got {given or 'neither'}")
+    (key, path), = given.items()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{section}.{key}: {path} does not exist")
+    return path
+
+
 def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentConfig,
                    section: str = "evaluate") -> Predictor:
     """A Predictor for a model in memory (torch) or a file (.pth/.ckpt/.pt torch, .onnx ONNX Runtime, .engine
@@ -330,5 +343,5 @@ def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentCo
         return TorchPredictor(path_or_model, _device(cfg, section))
     path = Path(path_or_model)
     if not path.is_file():
-        raise FileNotFoundError(f"{section}.checkpoint: {path} does not exist")
+        raise FileNotFoundError(f"{section}: model file {path} does not exist")
     return _backend_class(backend_for(path)).load(str(path), cfg, section)

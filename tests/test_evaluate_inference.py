@@ -305,8 +305,16 @@ def test_backend_registry_by_extension(tiny_train_spec, tmp_path):
     if "tensorrt" not in predictor._BACKENDS:
         with pytest.raises(ValueError, match="no predictor backend 'tensorrt' is registered"):
             predictor.load_predictor(engine, cfg)
-    with pytest.raises(FileNotFoundError, match="inference.checkpoint: .*nope.onnx does not exist"):
+    with pytest.raises(FileNotFoundError, match="inference: model file .*nope.onnx does not exist"):
         predictor.load_predictor(tmp_path / "nope.onnx", cfg, "inference")
+    cfg.inference.checkpoint = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="inference.checkpoint: .*nope.pth does not exist"):
+        predictor.model_path(cfg, "inference")
+    cfg.inference.trt_engine = str(engine)
+    with pytest.raises(ValueError, match="set exactly one of inference.checkpoint .* and inference.trt_engine"):
+        predictor.model_path(cfg, "inference")
+    cfg.inference.checkpoint = None
+    assert predictor.model_path(cfg, "inference") == str(engine)
     with pytest.raises(ValueError, match="must look like 'package.module:Class'"):
         predictor.register_backend("x", "no_colon")
 
