@@ -18,6 +18,7 @@ _REGISTRY: Dict[str, str] = {
     "evaluate": "grounding_dino.evaluate:run_evaluate",
     "inference": "grounding_dino.inference:run_inference",
     "export": "grounding_dino.export:run_export",
+    "quantize": "grounding_dino.quantize:run_quantize",
 }
 
 
