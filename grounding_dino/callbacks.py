@@ -177,7 +177,11 @@ class ReproducibleEpochs(Callback):
         if callable(getattr(dataset, "set_epoch", None)):
             dataset.set_epoch(trainer.current_epoch)
         if self._first_epoch and trainer.current_epoch > 0 and getattr(loader, "num_workers", 0) > 0:
-            iter(trainer.fit_loop._data_fetcher)
+            fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)  # private: Lightning has no public handle
+            if fetcher is None:
+                rank_zero_warn("cannot recreate the resumed epoch's data iterator: its order may replay epoch 0")
+            else:
+                iter(fetcher)
         self._first_epoch = False
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:

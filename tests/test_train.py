@@ -1,7 +1,6 @@
 """Training: status writer, action registry, checkpoint callbacks, and a tiny real Grounding DINO run."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -12,8 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from grounding_dino import actions  # noqa: E402
-from grounding_dino.status import StatusWriter, read_status  # noqa: E402
+from grounding_dino import actions
+from grounding_dino.status import StatusWriter, read_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +276,7 @@ def test_status_json_epoch_lines_and_kpis(two_epochs):
 def test_experiment_yaml_and_tensorboard(two_epochs):
     import yaml
 
-    results, spec = two_epochs
+    results, _ = two_epochs
     written = yaml.safe_load((results / "experiment.yaml").read_text())
     assert written["train"]["num_epochs"] == 2 and written["model"]["hidden_dim"] == 64
     assert written["encryption_key"] is None  # the key never lands on disk
