@@ -1,0 +1,174 @@
+"""The gen_trt_engine action: an exported ONNX (the deploy contract) -> a serialized TensorRT engine.
+
+One optimization profile: the batch runs gen_trt_engine.tensorrt.min/opt/max_batch_size, every other axis is the
+ONNX's own (image height/width, text length = model.max_text_len). FP32 or FP16; INT8 engines come from a QDQ ONNX
+made by the quantize action, which builds strongly typed with the precisions it carries.
+
+TensorRT 10 and 11 differ in how FP16 is asked for: 10.x has BuilderFlag.FP16; 11.x removed it and is always
+strongly typed, so the ONNX is first converted to FP16 with its inputs and outputs kept FP32 (ModelOpt AutoCast).
+A QDQ ONNX on 10.x is built strongly typed as well, which rules out the flag there too.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple, Union
+
+from grounding_dino.config import ExperimentConfig, TensorRTConfig
+from grounding_dino.deploy import always_strongly_typed, tensorrt
+from grounding_dino.evaluate import results_folder
+from grounding_dino.status import StatusWriter
+
+log = logging.getLogger(__name__)
+
+Shape = Tuple[int, ...]
+ONNX_DIM = Union[int, str]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """(min, opt, max) shape per input name."""
+
+    shapes: Dict[str, Tuple[Shape, Shape, Shape]]
+    dynamic: bool
+
+
+def onnx_inputs(path: Path) -> Dict[str, Tuple[ONNX_DIM, ...]]:
+    """Input name -> shape (ints, or the symbol of a dynamic axis) of an ONNX file."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return {v.name: tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+            for v in graph.input if v.name not in initializers}
+
+
+def has_qdq(path: Path) -> bool:
+    import onnx
+
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def engine_profile(inputs: Dict[str, Tuple[ONNX_DIM, ...]], options: TensorRTConfig, *, max_text_len: int,
+                   width: int, height: int) -> Profile:
+    """The optimization profile for an ONNX with these inputs; raises ValueError naming the spec key at fault."""
+    image = inputs.get("inputs")
+    if image is None or len(image) != 4 or "input_ids" not in inputs:
+        raise ValueError(f"the ONNX inputs {sorted(inputs)} are not the export contract's; export it with the "
+                         "export action")
+    if tuple(image[2:]) != (height, width):
+        raise ValueError(f"gen_trt_engine.input_width/input_height {width}x{height} differ from the ONNX's "
+                         f"{image[3]}x{image[2]}; set them to the export size")
+    if inputs["input_ids"][1] != max_text_len:
+        raise ValueError(f"model.max_text_len {max_text_len} differs from the ONNX's text length "
+                         f"{inputs['input_ids'][1]}; set model.max_text_len to {inputs['input_ids'][1]}")
+    batch = image[0]
+    if isinstance(batch, int) and batch > 0:
+        return Profile({name: (shape, shape, shape) for name, shape in inputs.items()}, dynamic=False)
+    sizes = (options.min_batch_size, options.opt_batch_size, options.max_batch_size)
+    if not sizes[0] <= sizes[1] <= sizes[2]:
+        raise ValueError(f"gen_trt_engine.tensorrt: need min_batch_size <= opt_batch_size <= max_batch_size, got "
+                         f"{sizes[0]}, {sizes[1]}, {sizes[2]}")
+    shapes = {name: tuple((b,) + tuple(shape[1:]) for b in sizes) for name, shape in inputs.items()}
+    return Profile(shapes, dynamic=True)
+
+
+def fp16_onnx(source: Path, target: Path) -> Path:
+    """`source` with its float math in FP16 and its inputs/outputs kept as they are (ModelOpt AutoCast)."""
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as err:
+        raise RuntimeError(f"an FP16 engine on this TensorRT (strongly typed) needs the ONNX converted to FP16 first, "
+                           f"which needs nvidia-modelopt ({err}): pip install 'grounding-dino-skillbank[quantize]'"
+                           ) from None
+    import onnx
+
+    model = convert_to_mixed_precision(onnx_path=str(source), low_precision_type="fp16", keep_io_types=True)
+    onnx.save_model(model, str(target), save_as_external_data=model.ByteSize() > 2**31 - 2**26)
+    return target
+
+
+def check_data_type(options: TensorRTConfig) -> None:
+    if options.data_type not in ("FP32", "FP16"):
+        raise ValueError(f"gen_trt_engine.tensorrt.data_type {options.data_type!r}: engines are FP32 or FP16; for "
+                         "INT8 quantize the model (quantize action, INT8 QDQ ONNX) and build that ONNX with FP32")
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *, max_text_len: int, width: int,
+                 height: int, gpu_id: int = 0, timing_cache: Path | None = None, verbose: bool = False) -> Path:
+    """Build and write the engine; returns its path. Raises with the parser's or builder's reason on failure."""
+    check_data_type(options)
+    trt = tensorrt(gpu_id)
+    import torch
+
+    torch.cuda.set_device(gpu_id)
+    profile = engine_profile(onnx_inputs(onnx_path), options, max_text_len=max_text_len, width=width, height=height)
+    qdq = has_qdq(onnx_path)
+    typed_only = always_strongly_typed(trt)
+    source = onnx_path
+    if options.data_type == "FP16" and (typed_only or qdq):
+        source = fp16_onnx(onnx_path, engine_path.with_suffix(".fp16.onnx"))
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if qdq and not typed_only:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(source)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {source}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_size << 20)
+    if options.data_type == "FP16" and source is onnx_path:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if profile.dynamic:
+        trt_profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile.shapes.items():
+            trt_profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(trt_profile)
+    cache = None
+    if timing_cache is not None:
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT could not build an engine from {source}; rerun with gen_trt_engine.verbose "
+                           "true for the builder's log")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    if cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    log.info("built %s (%s, TensorRT %s, batch %s)", engine_path, options.data_type, trt.__version__,
+             "/".join(str(s[0]) for s in profile.shapes["inputs"]))
+    return engine_path
+
+
+def run_gen_trt_engine(cfg: ExperimentConfig) -> int:
+    """The `gen_trt_engine` action: gen_trt_engine.onnx_file -> gen_trt_engine.trt_engine (default
+    <results>/gen_trt_engine/model.engine); returns 0."""
+    options = cfg.gen_trt_engine
+    results_dir = results_folder(cfg, "gen_trt_engine")
+    status = StatusWriter(results_dir / "status.json")
+    status.write("STARTED", "Starting TensorRT engine build.")
+    try:
+        check_data_type(options.tensorrt)
+        tensorrt(options.gpu_id)
+        if not options.onnx_file or not Path(options.onnx_file).is_file():
+            raise FileNotFoundError(f"gen_trt_engine.onnx_file: {options.onnx_file} does not exist (export first)")
+        engine = Path(options.trt_engine) if options.trt_engine else results_dir / "model.engine"
+        build_engine(Path(options.onnx_file), engine, options.tensorrt, max_text_len=cfg.model.max_text_len,
+                     width=options.input_width, height=options.input_height, gpu_id=options.gpu_id,
+                     timing_cache=Path(options.timing_cache) if options.timing_cache else None,
+                     verbose=options.verbose)
+    except Exception as err:
+        status.write("FAILURE", f"Engine build failed: {type(err).__name__}: {err}", verbosity="ERROR")
+        raise
+    message = f"Built {options.tensorrt.data_type} engine {engine}."
+    print(message)
+    status.write("SUCCESS", message, trt_engine=str(engine))
+    return 0
