@@ -19,6 +19,7 @@ _REGISTRY: Dict[str, str] = {
     "inference": "grounding_dino.inference:run_inference",
     "export": "grounding_dino.export:run_export",
     "quantize": "grounding_dino.quantize:run_quantize",
+    "gen_trt_engine": "grounding_dino.deploy.builder:run_gen_trt_engine",
 }
 
 

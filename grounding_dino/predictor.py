@@ -36,6 +36,7 @@ ONNX_OUTPUTS = ("pred_logits", "pred_boxes")
 _BACKENDS: Dict[str, str] = {
     "torch": "grounding_dino.predictor:TorchPredictor",
     "onnx": "grounding_dino.predictor:OnnxPredictor",
+    "tensorrt": "grounding_dino.deploy.predictor:TensorRTPredictor",
 }
 _EXTENSIONS: Dict[str, str] = {".pth": "torch", ".ckpt": "torch", ".pt": "torch", ".onnx": "onnx",
                                ".engine": "tensorrt"}
