@@ -150,6 +150,27 @@ def _onnx_input(job: Job) -> Path:
     return path
 
 
+def static_int8(prepared: Path, output: Path, feeds: Iterator[Dict[str, object]], algorithm: str = "minmax",
+                excluded: Sequence[str] = ()) -> Path:
+    """INT8 QDQ of a quant_pre_process'ed graph, calibrated on contract feeds (numpy): symmetric activations and
+    per-channel symmetric weights, the layout TensorRT builds too."""
+    ort_quant.quantize_static(
+        str(prepared), str(output), _Reader(feeds),
+        quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
+        activation_type=ort_quant.QuantType.QInt8, weight_type=ort_quant.QuantType.QInt8,
+        calibrate_method=getattr(ort_quant.CalibrationMethod, _ORT_CALIBRATION[algorithm]),
+        op_types_to_quantize=_ORT_OPS_STATIC, nodes_to_exclude=list(excluded),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return output
+
+
+def dynamic_int8(prepared: Path, output: Path, excluded: Sequence[str] = ()) -> Path:
+    ort_quant.quantize_dynamic(str(prepared), str(output), weight_type=ort_quant.QuantType.QInt8, per_channel=True,
+                               op_types_to_quantize=_ORT_OPS_DYNAMIC, nodes_to_exclude=list(excluded))
+    return output
+
+
 def quantize_onnxruntime(job: Job) -> Outcome:
     options = job.cfg.quantize
     source = _onnx_input(job)
@@ -159,17 +180,9 @@ def quantize_onnxruntime(job: Job) -> Outcome:
     output = job.results_dir / "quantized_model.onnx"
     if options.mode == "static_ptq":
         feeds, _ = _onnx_calibration(job.cfg, source)
-        ort_quant.quantize_static(
-            str(prepared), str(output), _Reader(_onnx_feeds(feeds)),
-            quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
-            activation_type=ort_quant.QuantType.QInt8, weight_type=ort_quant.QuantType.QInt8,
-            calibrate_method=getattr(ort_quant.CalibrationMethod, _ORT_CALIBRATION[options.algorithm]),
-            op_types_to_quantize=_ORT_OPS_STATIC, nodes_to_exclude=excluded,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        static_int8(prepared, output, _onnx_feeds(feeds), options.algorithm, excluded)
     else:
-        ort_quant.quantize_dynamic(str(prepared), str(output), weight_type=ort_quant.QuantType.QInt8,
-                                   per_channel=True, op_types_to_quantize=_ORT_OPS_DYNAMIC, nodes_to_exclude=excluded)
+        dynamic_int8(prepared, output, excluded)
     prepared.unlink()
     return Outcome(output, OnnxPredictor.load(str(output), job.cfg, "quantize"),
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
