@@ -131,6 +131,64 @@ def test_bayesian_algorithm_runs_gp(tmp_path):
     assert len(study.trials) == 3
 
 
+def lightning_trial(trial, spec, trial_dir):
+    """A real Lightning fit whose val_mAP50 is a function of lr, pruned through PruningCallback."""
+    import math
+
+    import torch
+    from lightning.pytorch import LightningModule, Trainer
+
+    from runner.automl.pruning import PruningCallback
+
+    score = 1.0 / (1.0 + abs(math.log10(spec["train"]["optim"]["lr"]) + 4.0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)), batch_size=1)
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_validation_epoch_end(self):
+            self.log("val_mAP50", score)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    epochs = spec["train"]["num_epochs"]
+    callback = PruningCallback(trial, "val_mAP50", epochs)
+    trainer = Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Tiny(), train_dataloaders=data, val_dataloaders=data)
+    trial.set_user_attr("epochs_trained", trainer.current_epoch)
+    if callback.pruned_at is not None:
+        raise optuna.TrialPruned()
+    (trial_dir / CHECKPOINT).write_bytes(b"tiny")
+    trial.set_user_attr("checkpoint", CHECKPOINT)
+    return callback.history[-1][2]
+
+
+def test_pruning_callback_stops_lightning_and_the_trial_is_pruned(tmp_path, capsys):
+    results = tmp_path / "results"
+    seeded = optuna.create_study(study_name="s", storage=storage_url(None, results), direction="maximize")
+    seeded.enqueue_trial({"train.optim.lr": 1e-4, "train.optim.weight_decay": 1e-4})
+    seeded.enqueue_trial({"train.optim.lr": 1e-5, "train.optim.weight_decay": 1e-4})
+    study = run_automl(_spec(results, algorithm="hyperband", max_trials=2), run_trial=lightning_trial, study_name="s")
+    good, bad = study.trials
+    assert good.state == TrialState.COMPLETE and good.user_attrs["epochs_trained"] == 2
+    assert good.intermediate_values == {1: pytest.approx(1.0), 2: pytest.approx(1.0)}
+    assert bad.state == TrialState.PRUNED and bad.user_attrs["epochs_trained"] == 1  # epoch 2 never ran
+    assert bad.intermediate_values == {1: pytest.approx(0.5)}
+    out = capsys.readouterr().out
+    assert "[automl] trial 0 epoch 2/2 val_mAP50=1.0000" in out
+    assert "[automl] trial 1 epoch 1/2 val_mAP50=0.5000, pruned" in out
+
+
 def test_resume_fails_a_dead_running_trial_and_reruns_its_parameters(tmp_path):
     results = tmp_path / "results"
     run_automl(_spec(results, max_trials=2), run_trial=cheap_trial)
@@ -247,3 +305,128 @@ def test_skillbank_cli_delegates_automl_worker(tmp_path):
     run = subprocess.run([sys.executable, "-m", "runner.cli", "automl", "worker", "--study", "s", "--storage",
                           str(tmp_path / "s.journal"), "-e", str(spec)], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 2 and "bogus" in run.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real training
+@pytest.fixture(scope="module")
+def fit_data(tmp_path_factory) -> dict:
+    """Eight 128 px images of one class ("red circle", one per image), used to train and to validate: a tiny
+    model scores val mAP50 > 0 within 16 steps, so a good trial and a bad one differ after one epoch."""
+    from grounding_dino.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("automl_fit")
+    return generate(str(root), num_train=0, num_val=8, image_size=128, max_objects=1, seed=0, colors=("red",),
+                    shapes=("circle",))
+
+
+def _real_spec(tiny_train_spec, fit_data, results: Path, fast: bool = False, **automl) -> dict:
+    """fast: 1+1 layers, 32 text tokens, 8 steps per epoch, for tests that need trials to run, not to learn."""
+    val = {"image_dir": fit_data["val_image_dir"], "json_file": fit_data["val_json_file"]}
+    model = dict(tiny_train_spec["model"])
+    if fast:
+        model.update(enc_layers=1, dec_layers=1, max_text_len=32)
+    size = {"scales": [128], "train_random_resize": [128], "train_random_crop_min": 128,
+            "train_random_crop_max": 128, "random_resize_max_size": 128, "test_random_resize": 128,
+            "horizontal_flip_prob": 0.0}
+    return {
+        "results_dir": str(results),
+        "model": model,
+        # the same 8 images twice: 16 steps per epoch at batch 1
+        "dataset": {"train_data_sources": [val] if fast else [val, val], "val_data_sources": val, "batch_size": 1,
+                    "workers": 0,
+                    "augmentation": size},
+        "train": {"num_epochs": 2, "activation_checkpoint": False,
+                  "optim": {"lr": 1e-3, "lr_backbone": 1e-3, "lr_steps": [100]}},
+        "automl": {"max_trials": 3, "algorithm": "tpe", "automl_hyperparameters": ["train.optim.lr"], **automl},
+    }
+
+
+def _pids_running(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_real_training_study_prunes_a_bad_trial(tiny_train_spec, fit_data, tmp_path):
+    import torch
+
+    results = tmp_path / "results"
+    spec = _real_spec(tiny_train_spec, fit_data, results, algorithm="hyperband")
+    seeded = optuna.create_study(study_name="real", storage=storage_url(None, results), direction="maximize")
+    seeded.enqueue_trial({"train.optim.lr": 1e-3})
+    seeded.enqueue_trial({"train.optim.lr": 1e-9})  # forced bad (below the range): the model hardly moves
+
+    study = run_automl(spec, study_name="real")
+
+    trials = study.trials
+    assert len(trials) == 3 and trials[0].state == TrialState.COMPLETE and trials[0].value > 0
+    assert trials[1].params["train.optim.lr"] == 1e-9
+    assert trials[1].state == TrialState.PRUNED and trials[1].last_step == 1
+    bad_dir = results / "trial_1"
+    assert sorted(p.name for p in bad_dir.glob("model_epoch_*.pth")) == ["model_epoch_000_step_00016.pth"]
+    assert json.loads((bad_dir / "automl_trial.json").read_text())["pruned_at"] == 1
+    best = json.loads((results / "best_model" / "best_automl.json").read_text())
+    assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
+    checkpoint = torch.load(results / "best_model" / best["checkpoint"], weights_only=True, map_location="cpu")
+    assert checkpoint["model_config"]["hidden_dim"] == 64
+    assert "| 1 | PRUNED |" in (results / "automl_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_training_driver_killed_in_trial_2_resumes_and_leaves_no_orphan(tiny_train_spec, fit_data, tmp_path):
+    results = tmp_path / "results"
+    spec = _real_spec(tiny_train_spec, fit_data, results, fast=True, max_trials=2)
+    spec["train"]["num_epochs"] = 1
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "runner.cli", "automl", "worker", "--study", "k", "--storage",
+               storage_url(None, results), "-e", str(spec_file)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(results / "trial_1" / "status.json", first, seconds=600)  # trial 2 is training
+    marker = str(results / "trial_1" / "trial_spec.yaml")
+    assert _pids_running(marker)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.monotonic() + 30
+    while _pids_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _pids_running(marker), "the trial's training outlived the killed driver"
+    kept = _study(results, "k").trials[0]
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    trials = _study(results, "k").trials
+    assert trials[0].value == kept.value and trials[0].state == TrialState.COMPLETE
+    assert trials[1].state == TrialState.FAIL and trials[2].params == trials[1].params
+    assert [t.state for t in trials[2:]] == [TrialState.COMPLETE]
+    assert (results / "best_model" / "best_automl.json").is_file()
+
+
+@pytest.mark.slow
+def test_real_training_two_workers_on_a_journal(tiny_train_spec, fit_data, tmp_path):
+    results = tmp_path / "results"
+    spec = _real_spec(tiny_train_spec, fit_data, results, fast=True, max_trials=2)
+    spec["train"]["num_epochs"] = 1
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    journal = str(tmp_path / "study.journal")
+    command = [sys.executable, "-m", "runner.automl.worker", "worker", "--study", "j", "--storage", journal,
+               "-e", str(spec_file)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    workers = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=900)
+        assert worker.returncode == 0, output
+    study = optuna.load_study(study_name="j", storage=open_storage(journal))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and len({t.number for t in complete}) == 2
+    assert all(t.user_attrs.get("automl_surplus") for t in study.trials if t.state == TrialState.FAIL)
+    assert all((results / f"trial_{t.number}" / t.user_attrs["checkpoint"]).is_file() for t in complete)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from grounding_dino.config import load_experiment, to_dict
@@ -26,6 +25,7 @@ from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL
                                  SURPLUS_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
                                  redact, storage_url)
 from sdk.errors import SpecError
+from sdk.spec import load_spec
 
 BEST_DIR = "best_model"
 BEST_FILE = "best_automl.json"
@@ -195,9 +195,7 @@ def _load(source) -> tuple[Dict[str, Any], Path, str]:
         path = Path(source)
         if path.is_dir():
             job_dir, path = path, path / "spec.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such spec file; pass a job folder with spec.yaml or a spec YAML")
-        raw, where = yaml.safe_load(path.read_text()) or {}, str(path)
+        raw, where = load_spec(path), str(path)
     spec = to_dict(load_experiment(raw))
     if spec["results_dir"] is None:
         if job_dir is None:

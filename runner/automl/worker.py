@@ -32,9 +32,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from grounding_dino.config import ConfigError
     from runner.automl.driver import run_automl
+    from sdk.spec import resolve_spec, validate
 
     try:
-        run_automl(args.experiment, storage=args.storage, study_name=args.study)
+        spec = resolve_spec("train", args.experiment)
+        validate(spec, "train")  # as the SDK does for a job: a bad spec fails here, not in every trial
+        run_automl(spec, storage=args.storage, study_name=args.study)
     except (SkillBankError, ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
