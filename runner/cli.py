@@ -117,6 +117,12 @@ def demo(args) -> int:
     return 1
 
 
+def automl_cmd(args) -> int:
+    from runner.automl.worker import main as automl_main
+
+    return automl_main(args.automl_args)
+
+
 def data_cmd(args) -> int:
     from runner.data_cli import main as data_main
 
@@ -177,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.add_parser("generate", help="regenerate from grounding_dino/config.py").set_defaults(
         func=schemas_generate)
     schemas.add_parser("check", help="exit 1 when a generated file is stale").set_defaults(func=schemas_check)
+
+    automl = commands.add_parser("automl", help="AutoML studies: `skillbank automl worker --study NAME --storage "
+                                                "URL -e spec.yaml` joins a study as one more worker", add_help=False)
+    automl.add_argument("automl_args", nargs=argparse.REMAINDER)
+    automl.set_defaults(func=automl_cmd)
 
     data = commands.add_parser("data", help="dataset tools: `skillbank data coco2odvg|odvg2coco|contiguous|stats "
                                             "...`", add_help=False)
