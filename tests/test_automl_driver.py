@@ -5,7 +5,6 @@ through the default trial runner (a child process per trial with the pruning cal
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -407,26 +406,3 @@ def test_real_training_driver_killed_in_trial_2_resumes_and_leaves_no_orphan(tin
     assert trials[1].state == TrialState.FAIL and trials[2].params == trials[1].params
     assert [t.state for t in trials[2:]] == [TrialState.COMPLETE]
     assert (results / "best_model" / "best_automl.json").is_file()
-
-
-@pytest.mark.slow
-def test_real_training_two_workers_on_a_journal(tiny_train_spec, fit_data, tmp_path):
-    results = tmp_path / "results"
-    spec = _real_spec(tiny_train_spec, fit_data, results, fast=True, max_trials=2)
-    spec["train"]["num_epochs"] = 1
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec))
-    journal = str(tmp_path / "study.journal")
-    command = [sys.executable, "-m", "runner.automl.worker", "worker", "--study", "j", "--storage", journal,
-               "-e", str(spec_file)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    workers = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for _ in range(2)]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=900)
-        assert worker.returncode == 0, output
-    study = optuna.load_study(study_name="j", storage=open_storage(journal))
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and len({t.number for t in complete}) == 2
-    assert all(t.user_attrs.get("automl_surplus") for t in study.trials if t.state == TrialState.FAIL)
-    assert all((results / f"trial_{t.number}" / t.user_attrs["checkpoint"]).is_file() for t in complete)

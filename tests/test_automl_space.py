@@ -3,18 +3,14 @@ come first, and keys that cannot change the result are left out of the default s
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 
 import optuna
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from grounding_dino.config import default_spec, load_experiment  # noqa: E402
-from runner.automl.search_space import (EXCLUSION_RULES, apply_params, build_search_space,  # noqa: E402
-                                        load_train_schema)
-from sdk.errors import SpecError  # noqa: E402
+from grounding_dino.config import default_spec, load_experiment
+from runner.automl.search_space import EXCLUSION_RULES, apply_params, build_search_space, load_train_schema
+from sdk.errors import SpecError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SAMPLES = 200

@@ -19,8 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from grounding_dino.config import load_experiment, to_dict
-from runner.automl.search_space import apply_params, build_search_space
 from runner.automl.report import write_report
+from runner.automl.search_space import apply_params, build_search_space
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
                                  SURPLUS_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
                                  redact, storage_url)

@@ -32,8 +32,8 @@ def write_report(study: optuna.Study, root: Path, space: SearchSpace, *, metric:
         f"- trials: {budget_used(trials)} counted; " + ", ".join(f"{n} {s}" for s, n in states.items() if n),
     ]
     if best is not None:
-        lines += [f"- best: trial {best.number}, {metric} = {best.value:.4f}, checkpoint "
-                  f"`best_model/{best.user_attrs.get(CHECKPOINT_ATTR, '?')}`"]
+        checkpoint = best.user_attrs.get(CHECKPOINT_ATTR, "?")
+        lines.append(f"- best: trial {best.number}, {metric} = {best.value:.4f}, checkpoint `best_model/{checkpoint}`")
     lines += ["", "## Search space", "", "| key | sampled as |", "|---|---|"]
     lines += [f"| `{p.key}` | {p.describe()} |" for p in space.params]
     if space.excluded:
