@@ -173,7 +173,6 @@ class GroundingDINOModule(LightningModule):
         checkpoint["backbone_pretrained"] = self.backbone_pretrained
 
 
-
 def check_resumable(checkpoint: dict, cfg: ModelConfig) -> None:
     """Raise unless `checkpoint` is one of ours with the architecture of `cfg`."""
     saved = checkpoint.get("model_config")
