@@ -105,7 +105,6 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_train_spec, tmp_p
     assert _checkpoints(results) == [f"model_epoch_{e:03d}_step_{2 * (e + 1):05d}.pth" for e in range(4)]
 
 
-@pytest.mark.slow
 def test_two_process_ddp_on_cpu_through_the_cli(tiny_train_spec, tmp_path):
     # 8 images, 2 ranks x batch 2 -> 2 steps per epoch
     spec = _write_spec(tiny_train_spec, tmp_path, **{"train.num_gpus": 2, "train.num_epochs": 1,
