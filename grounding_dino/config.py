@@ -32,6 +32,7 @@ BACKBONES = (
     # Small backbones for CPU-sized configs (tests, demo, benchmarks); timm builds them without weights.
     "resnet_18",
     "resnet_34",
+    "resnet_10t",
 )
 
 

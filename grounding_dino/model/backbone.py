@@ -40,6 +40,7 @@ BACKBONES: Dict[str, BackboneSpec] = {
     "resnet_50": BackboneSpec("resnet50", stage_offset=1),
     "resnet_34": BackboneSpec("resnet34", stage_offset=1),
     "resnet_18": BackboneSpec("resnet18", stage_offset=1),
+    "resnet_10t": BackboneSpec("resnet10t", stage_offset=1),
 }
 
 
