@@ -112,9 +112,16 @@ def schemas_check(args) -> int:
     return 0
 
 
-def demo(args) -> int:
-    print("skillbank demo is not built yet.", file=sys.stderr)
-    return 1
+def demo_cmd(args) -> int:
+    from runner.demo import main as demo_main
+
+    return demo_main(args.demo_args + (["--help"] if args.demo_help else []))
+
+
+def runner_cmd(args) -> int:
+    from runner.runner_gen import main as runner_main
+
+    return runner_main(["--help"] if args.runner_help else args.runner_args)
 
 
 def automl_cmd(args) -> int:
@@ -195,7 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("data_args", nargs=argparse.REMAINDER)
     data.set_defaults(func=data_cmd)
 
-    commands.add_parser("demo", help="end-to-end demo (not built yet)").set_defaults(func=demo)
+    demo = commands.add_parser("demo", help="end-to-end demo: AutoML fine-tuning of the packaged base model, "
+                                            "evaluate, inference, ONNX export and check (`skillbank demo --help`)",
+                               add_help=False)
+    demo.add_argument("-h", "--help", action="store_true", dest="demo_help")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=demo_cmd)
+
+    runner = commands.add_parser("runner", help="generated runner scripts: `skillbank runner generate --workflow "
+                                                "FILE.yaml`", add_help=False)
+    runner.add_argument("-h", "--help", action="store_true", dest="runner_help")
+    runner.add_argument("runner_args", nargs=argparse.REMAINDER)
+    runner.set_defaults(func=runner_cmd)
     return parser
 
 

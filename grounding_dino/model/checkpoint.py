@@ -261,13 +261,16 @@ def load_weights(model: nn.Module, source: Union[str, Path, dict], *, strict: bo
     sd, fmt = detect_and_convert(raw, model.cfg.backbone)
     if "model_config" in outer:
         fmt = "ours"
+    external = _external_text_encoder(outer, model, where)
     own = model.state_dict()
     report = LoadReport(format=fmt)
     report.ignored = sorted(k for k in sd if UNUSED.search(k) and k not in own)
     sd = {k: v for k, v in sd.items() if k not in report.ignored}
     _fill_shared(sd, own)
     report.unexpected = sorted(set(sd) - set(own))
-    report.missing = sorted(k for k in set(own) - set(sd) if not UNUSED.search(k))
+    # A packed file declares that its text encoder's weights are the packaged ones the model was built with.
+    report.missing = sorted(k for k in set(own) - set(sd) if not UNUSED.search(k)
+                            and not (external and k.startswith("bert.")))
     usable = {}
     for key in set(sd) & set(own):
         if sd[key].shape == own[key].shape:
@@ -280,6 +283,19 @@ def load_weights(model: nn.Module, source: Union[str, Path, dict], *, strict: bo
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
+
+
+def _external_text_encoder(outer: dict, model: nn.Module, where: str) -> bool:
+    """True when the file declares (key 'text_encoder') that it leaves out the text encoder's weights; the model
+    must then use that same encoder, whose weights it loaded when it was built."""
+    declared = outer.get("text_encoder")
+    if declared is None:
+        return False
+    if declared != model.cfg.text_encoder_type:
+        raise ValueError(f"{where} holds no text-encoder weights: it was trained with the text encoder "
+                         f"{declared!r}, but model.text_encoder_type is {model.cfg.text_encoder_type!r}; set "
+                         f"model.text_encoder_type: {declared}")
+    return True
 
 
 def _fill_shared(sd: StateDict, own: StateDict) -> None:

@@ -1,0 +1,267 @@
+"""`skillbank demo`: fine-tune the packaged base model on a new vocabulary, end to end, through SDK jobs.
+
+1. Data (written once under `<workspace>/data/`, reused on later runs) in TAO's data-source layout:
+   train_datasets/{images.tar.gz, annotations_odvg.jsonl, annotations_odvg_labelmap.json},
+   eval_dataset/{images.tar.gz, annotations.json}, inference_dataset/{images.tar.gz, annotations.json}.
+   The vocabulary mixes colours and shapes the base model knows with new ones (orange, purple, hexagon); the
+   combinations in HOLDOUT never appear in training or val, only in the inference images.
+2. The workflow `examples/demo_workflow.py` (generated from `examples/demo_workflow.yaml` by `skillbank runner
+   generate`): AutoML fine-tuning from the base model -> evaluate -> inference with text prompts -> ONNX export ->
+   evaluate of the ONNX model on ONNX Runtime.
+3. A summary: time per step, the best trial's parameters and val mAP50, test mAP50 in PyTorch and ONNX Runtime,
+   and per prompt how many of the inference images' objects were found (the held-out phrase included).
+
+`skillbank demo --build-base` first rebuilds the base model with its recipe (grounding_dino/base_model.py) and
+installs it into grounding_dino/assets/.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO_ROOT / "examples" / "demo_workflow.py"
+SEED = 7
+IMAGE_SIZE = 256
+MAX_OBJECTS = 6
+COLORS = ("red", "blue", "green", "orange", "purple")       # orange and purple are new to the base model
+SHAPES = ("circle", "square", "triangle", "hexagon")         # hexagon is new
+HOLDOUT = ("orange hexagon",)                                 # never trained on; asked for at inference
+HOLDOUT_WEIGHT = 4  # the held-out names are drawn this many times as often in the inference images
+MATCH_IOU = 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def make_data(root: Path, num_train: int, num_val: int, num_infer: int) -> Dict[str, Any]:
+    """Write the demo data under `root` unless the same settings were written before; returns its manifest."""
+    settings = {"seed": SEED, "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "colors": list(COLORS),
+                "shapes": list(SHAPES), "holdout": list(HOLDOUT), "num_train": num_train, "num_val": num_val,
+                "num_infer": num_infer}
+    manifest = root / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == settings:
+        print(f"[demo] reusing the dataset in {root}", flush=True)
+        return settings
+    import numpy as np
+
+    from grounding_dino.data.synthetic import pack_images, render, vocabulary, write_coco, write_odvg, write_split
+
+    shutil.rmtree(root, ignore_errors=True)
+    names = vocabulary(COLORS, SHAPES, exclude=HOLDOUT)
+    train, val, infer = root / "train_datasets", root / "eval_dataset", root / "inference_dataset"
+    write_odvg(train, write_split(train, "train", num_train, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
+    write_coco(val, write_split(val, "val", num_val, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
+    everything = vocabulary(COLORS, SHAPES)
+    weighted = everything + [n for n in HOLDOUT for _ in range(HOLDOUT_WEIGHT - 1)]
+    (infer / "images").mkdir(parents=True)
+    records = []
+    for i in range(num_infer):
+        image, objects = render(np.random.default_rng([SEED, 2, i]), weighted, IMAGE_SIZE, MAX_OBJECTS)
+        image.save(infer / "images" / f"infer_{i:06d}.jpg", quality=92)
+        records.append({"file_name": f"infer_{i:06d}.jpg", "image_id": i, "height": IMAGE_SIZE,
+                        "width": IMAGE_SIZE, "objects": objects})
+    write_coco(infer, records, everything)
+    for folder in (train, val, infer):
+        pack_images(str(folder / "images"))
+        shutil.rmtree(folder / "images")  # the layout holds only the archive; jobs extract it into their cache
+    manifest.write_text(json.dumps(settings, indent=1) + "\n")
+    print(f"[demo] dataset written to {root}: {num_train} train, {num_val} val, {num_infer} inference images; "
+          f"{len(names)} training names, held out {', '.join(HOLDOUT)}", flush=True)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the summary
+
+
+def _seconds(record: dict) -> float:
+    start, end = record.get("started_at"), record.get("finished_at")
+    if not start or not end:
+        return float("nan")
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def _one(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.rglob(pattern))
+    if not found:
+        raise FileNotFoundError(f"no {pattern} under {folder}")
+    return found[0]
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two [x, y, w, h] boxes."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(w, 0) * max(h, 0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def found_per_phrase(detections: List[dict], truth: dict) -> Dict[str, Dict[str, int]]:
+    """Per phrase: ground-truth objects, how many a detection of that phrase found (IoU >= MATCH_IOU, each object
+    and detection used once, best scores first), and detections that found nothing."""
+    image_of = {Path(i["file_name"]).name: i["id"] for i in truth["images"]}
+    name_of = {c["id"]: c["name"] for c in truth["categories"]}
+    out: Dict[str, Dict[str, int]] = {}
+    for phrase in sorted({d["category_name"] for d in detections} | set(name_of.values())):
+        objects = [(a["image_id"], a["bbox"]) for a in truth["annotations"] if name_of[a["category_id"]] == phrase]
+        mine = sorted((d for d in detections if d["category_name"] == phrase), key=lambda d: -d["score"])
+        used, hits = set(), 0
+        for d in mine:
+            image = image_of[Path(d["file_name"]).name]
+            best = max((k for k, (img, _) in enumerate(objects) if img == image and k not in used),
+                       key=lambda k: _iou(d["bbox"], objects[k][1]), default=None)
+            if best is not None and _iou(d["bbox"], objects[best][1]) >= MATCH_IOU:
+                used.add(best)
+                hits += 1
+        out[phrase] = {"objects": len(objects), "found": hits, "false": len(mine) - hits}
+    return out
+
+
+def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float]) -> Dict[str, Any]:
+    """The demo's results from the finished jobs' folders."""
+    import yaml
+
+    record = {name: bank.status(job_id) for name, job_id in jobs.items()}
+    train = record["train"].results_dir
+    best = json.loads(_one(train, "best_automl.json").read_text())
+    torch_eval = json.loads(_one(record["evaluate"].results_dir, "results.json").read_text())
+    onnx_eval = json.loads(_one(record["evaluate_onnx"].results_dir, "results.json").read_text())
+    infer_dir = _one(record["inference"].results_dir, "images_annotated").parent
+    detections = json.loads((infer_dir / "results.json").read_text())
+    infer_spec = yaml.safe_load((record["inference"].path / "spec.yaml").read_text())
+    truth = json.loads((data / "inference_dataset" / "annotations.json").read_text())
+    prompts = [p.strip().lower() for p in infer_spec["dataset"]["infer_data_sources"]["captions"]]
+    found = {p: v for p, v in found_per_phrase(detections, truth).items() if p in prompts}
+    return {
+        "jobs": jobs,
+        "seconds": {**seconds, **{name: round(_seconds(r.record), 1) for name, r in record.items()}},
+        "best_trial": {"trial": best["trial"], "val_mAP50": best["value"], "params": best["params"]},
+        "test_mAP50": torch_eval["mAP50"],
+        "onnx_test_mAP50": onnx_eval["mAP50"],
+        "onnx_minus_torch_mAP50": onnx_eval["mAP50"] - torch_eval["mAP50"],
+        "prompts": prompts,
+        "held_out": list(HOLDOUT),
+        "found": found,
+        "conf_threshold": infer_spec["inference"]["conf_threshold"],
+        "annotated_images": str(infer_dir / "images_annotated"),
+        "automl_report": str(_one(train, "automl_report.md")),
+        "onnx_model": str(_one(record["export"].results_dir, "*.onnx")),
+    }
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    seconds = summary["seconds"]
+    print("\n==================== demo summary ====================")
+    for step, value in seconds.items():
+        print(f"  {step:<14} {value:7.1f} s")
+    best = summary["best_trial"]
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    print(f"  best AutoML trial {best['trial']}: val mAP50 {best['val_mAP50']:.3f} ({params})")
+    print(f"  evaluate: test mAP50 {summary['test_mAP50']:.3f} (PyTorch), {summary['onnx_test_mAP50']:.3f} "
+          f"(ONNX Runtime; difference {summary['onnx_minus_torch_mAP50']:+.4f})")
+    print(f"  inference prompts (score >= {summary['conf_threshold']}), objects found in the inference images:")
+    for phrase in summary["prompts"]:
+        counts = summary["found"].get(phrase, {"objects": 0, "found": 0, "false": 0})
+        tag = "  <- held out of training" if phrase in summary["held_out"] else ""
+        print(f"    {phrase:<18} {counts['found']}/{counts['objects']} found, {counts['false']} false{tag}")
+    print(f"  annotated images: {summary['annotated_images']}")
+    print(f"  AutoML report:    {summary['automl_report']}")
+    print(f"  ONNX model:       {summary['onnx_model']}")
+    print(f"  total:            {seconds['total']:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def load_workflow_runner(path: Path = WORKFLOW):
+    """The generated runner module (examples/demo_workflow.py)."""
+    spec = importlib.util.spec_from_file_location("demo_workflow", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int], num_train: Optional[int]) -> None:
+    """Rebuild the base model with its recipe (the shipped card's settings unless given), evaluate it, install it."""
+    import subprocess
+
+    from grounding_dino import base_model
+
+    shipped = json.loads(base_model.BASE_CARD.read_text()) if base_model.BASE_CARD.is_file() else {}
+    recipe = shipped.get("recipe_args", {})
+    given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
+    args = {k: given[k] if given.get(k) is not None else recipe.get(k) for k in ("minutes", "epochs", "batch_size",
+                                                                              "num_train")}
+    out = workspace / "base_model_build"
+    command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(out)]
+    command += [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+    print(f"[demo] building the base model: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True)
+    subprocess.run([sys.executable, "-m", "grounding_dino.base_model", "card", "--model",
+                    str(out / "base_model.pth")], check=True)
+    base_model.ASSETS.mkdir(exist_ok=True)
+    for name in ("base_model.pth", "base_model.card.json"):
+        shutil.copyfile(out / name, base_model.ASSETS / name)
+    print(f"[demo] installed the new base model into {base_model.ASSETS}", flush=True)
+
+
+def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = False, num_train: int = 240,
+             num_val: int = 60, num_infer: int = 8, max_trials: int = 3, num_epochs: int = 1) -> Dict[str, Any]:
+    """Run the whole demo; returns (and writes to <workspace>/demo_summary.json) the summary."""
+    from grounding_dino.base_model import BASE_MODEL
+    from sdk import SkillBank
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    workspace = Path(workspace).resolve()
+    if fresh:
+        shutil.rmtree(workspace, ignore_errors=True)
+    if not BASE_MODEL.is_file():
+        raise FileNotFoundError(f"the base model {BASE_MODEL} is missing; build it with `skillbank demo --build-base`")
+    data = workspace / "data"
+    make_data(data, num_train, num_val, num_infer)
+    seconds = {"data": round(time.monotonic() - started, 1)}
+    runner = load_workflow_runner()
+    print(f"[demo] running {WORKFLOW.relative_to(REPO_ROOT)} in {workspace}", flush=True)
+    jobs = runner.run(SkillBank(workspace), {"data": str(data), "base_model": str(BASE_MODEL),
+                                             "max_trials": max_trials, "num_epochs": num_epochs})
+    seconds["total"] = round(time.monotonic() - started, 1)
+    summary = summarize(SkillBank(workspace), jobs, data, seconds)
+    (workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    print(f"  summary file:     {workspace / 'demo_summary.json'}")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="skillbank demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", default="demo_workspace", help="demo folder (default %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="delete the workspace first (data and jobs)")
+    parser.add_argument("--num-train", type=int, default=240, help="fine-tuning images (default %(default)s)")
+    parser.add_argument("--num-val", type=int, default=60, help="val images (default %(default)s)")
+    parser.add_argument("--num-infer", type=int, default=8, help="inference images (default %(default)s)")
+    parser.add_argument("--max-trials", type=int, default=3, help="AutoML trials (default %(default)s)")
+    parser.add_argument("--num-epochs", type=int, default=1, help="epochs per trial (default %(default)s)")
+    parser.add_argument("--build-base", action="store_true",
+                        help="first rebuild the base model with its recipe and install it (hours on a CPU)")
+    parser.add_argument("--base-minutes", type=float, help="--build-base: training time budget")
+    parser.add_argument("--base-epochs", type=int, help="--build-base: training epochs")
+    parser.add_argument("--base-num-train", type=int, help="--build-base: training images")
+    args = parser.parse_args(argv)
+    workspace = Path(args.workspace)
+    if args.build_base:
+        build_base(workspace, args.base_minutes, args.base_epochs, args.base_num_train)
+    run_demo(workspace, fresh=args.fresh, num_train=args.num_train, num_val=args.num_val,
+             num_infer=args.num_infer, max_trials=args.max_trials, num_epochs=args.num_epochs)
+    return 0
