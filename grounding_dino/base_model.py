@@ -261,18 +261,21 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
 # card
 
 
+def regenerate_val(root: str | os.PathLike, data: Dict[str, Any]) -> Dict[str, str]:
+    """The val set described by a card's `data` section, written under `root` (same card, same bytes)."""
+    from grounding_dino.data.synthetic import generate
+
+    return generate(str(root), num_train=0, num_val=data["num_val"], image_size=data["image_size"],
+                    max_objects=data["max_objects"], seed=data["seed"], colors=data["colors"], shapes=data["shapes"])
+
+
 def measure(model_path: str | os.PathLike, work_dir: Optional[str | os.PathLike] = None) -> Dict[str, float]:
     """COCO metrics of a packed file on the base val set regenerated from its card, through the evaluate action."""
     from grounding_dino.config import load_experiment
     from grounding_dino.evaluate import run_evaluate
 
-    data = read_card(model_path)["data"]
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        from grounding_dino.data.synthetic import generate
-
-        paths = generate(str(Path(tmp) / "data"), num_train=0, num_val=data["num_val"],
-                         image_size=data["image_size"], max_objects=data["max_objects"], seed=data["seed"],
-                         colors=data["colors"], shapes=data["shapes"])
+        paths = regenerate_val(Path(tmp) / "data", read_card(model_path)["data"])
         spec = eval_spec(paths["val_image_dir"], paths["val_json_file"], str(model_path), str(Path(tmp) / "eval"))
         run_evaluate(load_experiment(spec))
         return json.loads((Path(tmp) / "eval" / "evaluate" / "results.json").read_text())

@@ -1,0 +1,113 @@
+"""The packaged base model: packing format, loading without text-encoder weights, the shipped file and its card."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from grounding_dino import base_model
+from grounding_dino.config import ModelConfig, from_dict, load_experiment
+from grounding_dino.model import build_model
+from grounding_dino.model.checkpoint import load_weights
+from grounding_dino.model.text import write_small_text_encoder
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def base_config(**changes) -> ModelConfig:
+    return from_dict(ModelConfig, {**base_model.model_section(), **changes})
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(base_config())
+    path = base_model.pack(model, tmp_path_factory.mktemp("pack") / "base_model.pth")
+    return model, path
+
+
+def test_packed_file_holds_fp16_weights_without_the_text_encoder(packed):
+    model, path = packed
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(saved) == {"model", "model_config", "text_encoder", "tao_model"}
+    assert saved["text_encoder"] == "minilm" and saved["tao_model"] == "grounding_dino"
+    assert saved["model_config"] == dataclasses.asdict(model.cfg)
+    assert not [k for k in saved["model"] if k.startswith("bert.")]
+    assert {v.dtype for v in saved["model"].values()} == {torch.float16}
+    own = {k for k in model.state_dict() if not k.startswith("bert.") and not k.endswith("num_batches_tracked")}
+    assert set(saved["model"]) == own
+
+
+def test_packed_file_loads_with_nothing_missing_but_the_declared_text_encoder(packed):
+    model, path = packed
+    fresh = build_model(base_config())
+    minilm_before = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("bert.")}
+    report = load_weights(fresh, path)  # strict: raises on any missing, unexpected or mis-shaped key
+    assert report.ok and report.format == "ours"
+    state = fresh.state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("bert."):
+            assert torch.equal(state[key], minilm_before[key]), key  # the packaged MiniLM, untouched
+        elif value.is_floating_point():
+            assert state[key].dtype == torch.float32
+            assert torch.equal(state[key], value.half().float()), key
+
+
+def test_packed_file_refuses_another_text_encoder(packed, tmp_path):
+    _, path = packed
+    other = build_model(base_config(text_encoder_type=write_small_text_encoder(tmp_path / "bert")))
+    with pytest.raises(ValueError, match="model.text_encoder_type: minilm"):
+        load_weights(other, path)
+
+
+def test_packed_file_starts_training_and_evaluation(packed, tmp_path):
+    """The two other ways in: train.pretrained_model_path and evaluate.checkpoint."""
+    from grounding_dino.predictor import TorchPredictor
+    from grounding_dino.train import build_module
+
+    model, path = packed
+    spec = {"model": base_model.model_section(), "train": {"pretrained_model_path": str(path)},
+            "evaluate": {"checkpoint": str(path)}}
+    cfg = load_experiment(spec)
+    module = build_module(cfg)
+    predictor = TorchPredictor.load(str(path), cfg)
+    key = "transformer.tgt_embed.weight"
+    expected = model.state_dict()[key].half().float()
+    assert torch.equal(module.model.state_dict()[key], expected)
+    assert torch.equal(predictor.model.state_dict()[key], expected)
+
+
+def test_shipped_base_model_is_small_and_matches_its_card():
+    path = base_model.BASE_MODEL
+    card = base_model.read_card(path)
+    assert path.stat().st_size <= MAX_BYTES
+    assert card["size_bytes"] == path.stat().st_size
+    assert card["sha256"] == base_model.sha256(path)
+    assert card["text_encoder"] == "minilm" and card["model"] == base_model.MODEL
+    assert card["data"]["seed"] == base_model.SEED and card["data"]["colors"] == list(base_model.COLORS)
+    assert card["train"]["steps"] > 0 and card["train"]["seconds"] > 0
+    assert card["recipe"].startswith("python -m grounding_dino.base_model build")
+    assert card["val_mAP50"] >= 0.7, "the shipped base model must reach val mAP50 0.7 on its own val set"
+    report = load_weights(build_model(base_config()), path)
+    assert report.ok
+
+
+@pytest.mark.slow
+def test_card_matches_an_evaluate_job_on_the_base_val_set(tmp_path):
+    """Re-evaluate the shipped file through an SDK job on the val set regenerated from the card's seed."""
+    from sdk import SkillBank
+
+    card = base_model.read_card()
+    paths = base_model.regenerate_val(tmp_path / "data", card["data"])
+    spec = base_model.eval_spec(paths["val_image_dir"], paths["val_json_file"], str(base_model.BASE_MODEL), "x")
+    del spec["results_dir"]  # the SDK puts results in the job folder
+    bank = SkillBank(tmp_path / "ws")
+    job = bank.wait(bank.create_job("evaluate", spec=spec).id, timeout=600)
+    assert job.status == "done", bank.logs(job.id, tail=30)
+    results = json.loads(next(job.results_dir.rglob("results.json")).read_text())
+    assert results["mAP50"] == pytest.approx(card["val_mAP50"], abs=1e-6)
+    assert results["mAP"] == pytest.approx(card["val_mAP"], abs=1e-6)

@@ -1,0 +1,66 @@
+"""`skillbank demo`: its dataset (TAO layout, held-out names, reuse) and, reduced in size, the whole run."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import pytest
+
+from runner import demo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
+    root = tmp_path / "data"
+    demo.make_data(root, num_train=6, num_val=4, num_infer=6)
+    expected = {"manifest.json", "train_datasets/images.tar.gz", "train_datasets/annotations_odvg.jsonl",
+                "train_datasets/annotations_odvg_labelmap.json", "eval_dataset/images.tar.gz",
+                "eval_dataset/annotations.json", "inference_dataset/images.tar.gz",
+                "inference_dataset/annotations.json"}
+    assert {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} == expected
+    label_map = set(json.loads((root / "train_datasets" / "annotations_odvg_labelmap.json").read_text()).values())
+    val = {c["name"] for c in json.loads((root / "eval_dataset" / "annotations.json").read_text())["categories"]}
+    assert label_map == val and not label_map & set(demo.HOLDOUT)
+    assert {"orange circle", "purple square", "red hexagon"} <= label_map  # new colours and shape, with known ones
+    infer = json.loads((root / "inference_dataset" / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in infer["categories"]}
+    assert {names[a["category_id"]] for a in infer["annotations"]} & set(demo.HOLDOUT)
+    with tarfile.open(root / "train_datasets" / "images.tar.gz") as tar:
+        assert len(tar.getnames()) == 6 and all("/" not in n for n in tar.getnames())
+
+    stamp = (root / "train_datasets" / "images.tar.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    demo.make_data(root, num_train=6, num_val=4, num_infer=6)
+    assert "reusing the dataset" in capsys.readouterr().out
+    assert (root / "train_datasets" / "images.tar.gz").stat().st_mtime_ns == stamp
+    demo.make_data(root, num_train=8, num_val=4, num_infer=6)  # other settings: written again
+    with tarfile.open(root / "train_datasets" / "images.tar.gz") as tar:
+        assert len(tar.getnames()) == 8
+
+
+def test_found_per_phrase_matches_each_object_once():
+    truth = {"images": [{"id": 0, "file_name": "a.jpg"}], "categories": [{"id": 0, "name": "red circle"}],
+             "annotations": [{"image_id": 0, "category_id": 0, "bbox": [10, 10, 20, 20]}]}
+    detections = [{"file_name": "a.jpg", "category_name": "red circle", "bbox": [11, 11, 20, 20], "score": 0.9},
+                  {"file_name": "a.jpg", "category_name": "red circle", "bbox": [10, 10, 20, 20], "score": 0.8},
+                  {"file_name": "a.jpg", "category_name": "blue star", "bbox": [50, 50, 5, 5], "score": 0.7}]
+    found = demo.found_per_phrase(detections, truth)
+    assert found["red circle"] == {"objects": 1, "found": 1, "false": 1}
+    assert found["blue star"] == {"objects": 0, "found": 0, "false": 1}
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
+    summary = demo.run_demo(tmp_path / "ws", num_train=12, num_val=6, num_infer=3, max_trials=1, num_epochs=1)
+    out = capsys.readouterr().out
+    assert "[automl] trial 0 epoch 1/1" in out and "demo summary" in out
+    assert list(summary["jobs"]) == ["train", "evaluate", "inference", "export", "evaluate_onnx"]
+    assert set(summary["seconds"]) == {"data", "total", *summary["jobs"]}
+    assert set(summary["best_trial"]["params"]) == {"train.optim.lr", "train.optim.lr_backbone"}
+    assert 0.0 <= summary["best_trial"]["val_mAP50"] <= 1.0
+    assert abs(summary["onnx_minus_torch_mAP50"]) < 0.02
+    assert summary["held_out"][0] in summary["prompts"] and summary["held_out"][0] in summary["found"]
+    assert len(list((tmp_path / "ws").rglob("images_annotated/*.jpg"))) == 3
+    assert json.loads((tmp_path / "ws" / "demo_summary.json").read_text()) == summary
