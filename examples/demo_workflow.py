@@ -12,7 +12,9 @@ Generated from demo_workflow.yaml by `skillbank runner generate`: a plain script
 SDK's public API (`sdk.SkillBank`); copy it and edit it freely. "${name}" in a spec value or override is replaced
 by the param `name` (its command-line option).
 
-    python demo_workflow.py [--workspace DIR] [--data ...] [--base-model ...] [--max-trials ...] [--num-epochs ...]
+    python demo_workflow.py [--workspace DIR] [--PARAM VALUE ...]
+
+Params: --data, --base-model, --max-trials, --num-epochs, --captions.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ PARAMS = {
     "base_model": "grounding_dino/assets/base_model.pth",
     "max_trials": 3,
     "num_epochs": 1,
+    "captions": ["orange hexagon", "orange circle", "purple square", "red hexagon", "blue triangle"],
 }
-# Log lines worth echoing while a job runs: the SDK's, AutoML's and preflight's tagged lines, and metric lines.
-PROGRESS = re.compile(r"^(\[[a-z]+\]|\s*(mAP|mAP50|AR)\w*: )")
+# Log lines worth echoing while a job runs: the SDK's and AutoML's tagged lines, and evaluation metrics.
+PROGRESS = re.compile(r"^(\[(skillbank|automl)\]|\s*mAP(50)?: )")
 
 
 def expand(value, params):
@@ -87,7 +90,7 @@ def run(bank, params):
         spec={
             "model": {
                 "backbone": "resnet_10t",
-                "return_interm_indices": [1, 2, 3],
+                "return_interm_indices": [1, 2, 3, 4],
                 "num_feature_levels": 4,
                 "hidden_dim": 128,
                 "nheads": 8,
@@ -159,13 +162,7 @@ def run(bank, params):
             "dataset": {
                 "infer_data_sources": {
                     "image_dir": ["${data}/inference_dataset/images.tar.gz"],
-                    "captions": [
-                        "orange hexagon",
-                        "orange circle",
-                        "purple square",
-                        "red triangle",
-                        "blue hexagon",
-                    ],
+                    "captions": "${captions}",
                 },
                 "batch_size": 4,
                 "workers": 0,
@@ -205,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--max-trials", dest="max_trials", type=int, default=PARAMS["max_trials"],
                         help="default: %(default)s")
     parser.add_argument("--num-epochs", dest="num_epochs", type=int, default=PARAMS["num_epochs"],
+                        help="default: %(default)s")
+    parser.add_argument("--captions", dest="captions", type=str, nargs="+", default=PARAMS["captions"],
                         help="default: %(default)s")
     args = vars(parser.parse_args(argv))
     jobs = run(SkillBank(args.pop("workspace")), args)

@@ -42,7 +42,7 @@ NUM_VAL = 200
 
 # The architecture every spec that starts from the base model must carry (structural keys are checked on load).
 MODEL: Dict[str, Any] = {
-    "backbone": "resnet_10t", "return_interm_indices": [1, 2, 3], "num_feature_levels": 4,
+    "backbone": "resnet_10t", "return_interm_indices": [1, 2, 3, 4], "num_feature_levels": 4,
     "hidden_dim": 128, "nheads": 8, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 512,
     "num_queries": 100, "num_select": 100, "max_text_len": 256, "text_encoder_type": TEXT_ENCODER,
     "log_scale": "auto", "class_embed_bias": True, "backbone_norm": "trainable",
@@ -115,7 +115,8 @@ def pack(model, path: str | os.PathLike) -> Path:
 
     import torch
 
-    state = {k: (v.half() if v.is_floating_point() else v).clone() for k, v in model.state_dict().items()
+    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype, copy=True)
+             for k, v in model.state_dict().items()
              if not k.startswith("bert.") and not k.endswith("num_batches_tracked")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,11 @@ def _callbacks(out: Path, seconds: Optional[float]):
     class Progress(Callback):
         def on_train_start(self, trainer, module):
             self.start = time.monotonic()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step % 100 == 0:
+                print(f"[base] step {trainer.global_step} loss={float(outputs['loss']):.3f} "
+                      f"({time.monotonic() - self.start:.0f} s)", flush=True)
 
         def on_train_epoch_end(self, trainer, module):
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_mAP50")}
@@ -227,7 +233,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     print(f"[base] data: {num_train} train / {NUM_VAL} val images, {len(COLORS) * len(SHAPES)} names, seed {SEED} "
           f"({time.time() - started:.0f} s)", flush=True)
     max_epochs = epochs or 100_000
-    spec = train_spec(paths, str(out / "train"), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
+    spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
                       workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes)
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)
     train_start = time.time()

@@ -113,9 +113,9 @@ def schemas_check(args) -> int:
 
 
 def demo_cmd(args) -> int:
-    from runner.demo import main as demo_main
+    from runner.demo import run_from_args
 
-    return demo_main(args.demo_args + (["--help"] if args.demo_help else []))
+    return run_from_args(args)
 
 
 def runner_cmd(args) -> int:
@@ -203,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=data_cmd)
 
     demo = commands.add_parser("demo", help="end-to-end demo: AutoML fine-tuning of the packaged base model, "
-                                            "evaluate, inference, ONNX export and check (`skillbank demo --help`)",
-                               add_help=False)
-    demo.add_argument("-h", "--help", action="store_true", dest="demo_help")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+                                            "evaluate, inference, ONNX export and check")
+    from runner.demo import add_arguments
+
+    add_arguments(demo)
     demo.set_defaults(func=demo_cmd)
 
     runner = commands.add_parser("runner", help="generated runner scripts: `skillbank runner generate --workflow "

@@ -35,7 +35,7 @@ MAX_OBJECTS = 6
 COLORS = ("red", "blue", "green", "orange", "purple")       # orange and purple are new to the base model
 SHAPES = ("circle", "square", "triangle", "hexagon")         # hexagon is new
 HOLDOUT = ("orange hexagon",)                                 # never trained on; asked for at inference
-HOLDOUT_WEIGHT = 4  # the held-out names are drawn this many times as often in the inference images
+PROMPT_WEIGHT = 4  # the inference images draw the workflow's prompts this many times as often as other names
 MATCH_IOU = 0.5
 
 
@@ -43,11 +43,13 @@ MATCH_IOU = 0.5
 # data
 
 
-def make_data(root: Path, num_train: int, num_val: int, num_infer: int) -> Dict[str, Any]:
-    """Write the demo data under `root` unless the same settings were written before; returns its manifest."""
+def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts: Sequence[str] = ()) -> Dict[str, Any]:
+    """Write the demo data under `root` unless the same settings were written before; returns its manifest.
+
+    prompts: names the inference images show more often (PROMPT_WEIGHT), so each prompt has objects to find."""
     settings = {"seed": SEED, "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "colors": list(COLORS),
                 "shapes": list(SHAPES), "holdout": list(HOLDOUT), "num_train": num_train, "num_val": num_val,
-                "num_infer": num_infer}
+                "num_infer": num_infer, "prompts": list(prompts)}
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         print(f"[demo] reusing the dataset in {root}", flush=True)
@@ -62,7 +64,10 @@ def make_data(root: Path, num_train: int, num_val: int, num_infer: int) -> Dict[
     write_odvg(train, write_split(train, "train", num_train, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
     write_coco(val, write_split(val, "val", num_val, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
     everything = vocabulary(COLORS, SHAPES)
-    weighted = everything + [n for n in HOLDOUT for _ in range(HOLDOUT_WEIGHT - 1)]
+    unknown = sorted(set(prompts) - set(everything))
+    if unknown:
+        raise ValueError(f"inference prompts {unknown} are not names of the demo vocabulary ({', '.join(everything)})")
+    weighted = everything + [n for n in prompts for _ in range(PROMPT_WEIGHT - 1)]
     (infer / "images").mkdir(parents=True)
     records = []
     for i in range(num_infer):
@@ -217,7 +222,7 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
 
 
 def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = False, num_train: int = 240,
-             num_val: int = 60, num_infer: int = 8, max_trials: int = 3, num_epochs: int = 1) -> Dict[str, Any]:
+             num_val: int = 60, num_infer: int = 12, max_trials: int = 3, num_epochs: int = 1) -> Dict[str, Any]:
     """Run the whole demo; returns (and writes to <workspace>/demo_summary.json) the summary."""
     from grounding_dino.base_model import BASE_MODEL
     from sdk import SkillBank
@@ -229,10 +234,10 @@ def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = F
         shutil.rmtree(workspace, ignore_errors=True)
     if not BASE_MODEL.is_file():
         raise FileNotFoundError(f"the base model {BASE_MODEL} is missing; build it with `skillbank demo --build-base`")
-    data = workspace / "data"
-    make_data(data, num_train, num_val, num_infer)
-    seconds = {"data": round(time.monotonic() - started, 1)}
     runner = load_workflow_runner()
+    data = workspace / "data"
+    make_data(data, num_train, num_val, num_infer, runner.PARAMS["captions"])
+    seconds = {"data": round(time.monotonic() - started, 1)}
     print(f"[demo] running {WORKFLOW.relative_to(REPO_ROOT)} in {workspace}", flush=True)
     jobs = runner.run(SkillBank(workspace), {"data": str(data), "base_model": str(BASE_MODEL),
                                              "max_trials": max_trials, "num_epochs": num_epochs})
@@ -244,13 +249,14 @@ def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = F
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="skillbank demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--workspace", default="demo_workspace", help="demo folder (default %(default)s)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by `skillbank demo` and `python -m runner.demo`)."""
+    parser.add_argument("--workspace", dest="demo_workspace", default="demo_workspace",
+                        help="demo folder: data, jobs, summary (default %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="delete the workspace first (data and jobs)")
     parser.add_argument("--num-train", type=int, default=240, help="fine-tuning images (default %(default)s)")
     parser.add_argument("--num-val", type=int, default=60, help="val images (default %(default)s)")
-    parser.add_argument("--num-infer", type=int, default=8, help="inference images (default %(default)s)")
+    parser.add_argument("--num-infer", type=int, default=12, help="inference images (default %(default)s)")
     parser.add_argument("--max-trials", type=int, default=3, help="AutoML trials (default %(default)s)")
     parser.add_argument("--num-epochs", type=int, default=1, help="epochs per trial (default %(default)s)")
     parser.add_argument("--build-base", action="store_true",
@@ -258,10 +264,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--base-minutes", type=float, help="--build-base: training time budget")
     parser.add_argument("--base-epochs", type=int, help="--build-base: training epochs")
     parser.add_argument("--base-num-train", type=int, help="--build-base: training images")
-    args = parser.parse_args(argv)
-    workspace = Path(args.workspace)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    workspace = Path(args.demo_workspace)
     if args.build_base:
         build_base(workspace, args.base_minutes, args.base_epochs, args.base_num_train)
     run_demo(workspace, fresh=args.fresh, num_train=args.num_train, num_val=args.num_val,
              num_infer=args.num_infer, max_trials=args.max_trials, num_epochs=args.num_epochs)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.demo", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,8 @@ A workflow is a chain of SDK jobs, the way an agent plans one:
     workspace: workspace                   # default of the runner's --workspace
     params:                                # the runner's command-line options (--data DIR ...) with defaults;
       data: workspace/data                 # "${data}" in any spec value or override is replaced by the option's
-      max_trials: 3                        # value ("${max_trials}" alone keeps its type: int, float, bool)
+      max_trials: 3                        # value ("${max_trials}" alone keeps its type: int, float, bool, list;
+      captions: [red car, person]          # a list param takes one or more values on the command line)
     steps:                                 # run in order; each one waits for the previous one
       - name: train                        # unique; later steps name it as their parent
         action: train                      # an action of skills/grounding-dino (skill_info.yaml)
@@ -173,8 +174,11 @@ def _call(step: Dict[str, Any]) -> str:
 
 
 def _option(name: str, default: Any) -> str:
-    kind = {bool: "_flag", int: "int", float: "float"}.get(type(default), "str")
-    return (f'    parser.add_argument("--{name.replace("_", "-")}", dest="{name}", type={kind}, '
+    """An argparse option for a param: typed like its default; a list param takes one or more values."""
+    sample = default[0] if isinstance(default, list) and default else default
+    kind = {bool: "_flag", int: "int", float: "float"}.get(type(sample), "str")
+    many = ", nargs=\"+\"" if isinstance(default, list) else ""
+    return (f'    parser.add_argument("--{name.replace("_", "-")}", dest="{name}", type={kind}{many}, '
             f'default=PARAMS["{name}"],\n                        help="default: %(default)s")')
 
 
@@ -190,7 +194,9 @@ Generated from {source} by `skillbank runner generate`: a plain script that uses
 SDK's public API (`sdk.SkillBank`); copy it and edit it freely. "${{name}}" in a spec value or override is replaced
 by the param `name` (its command-line option).
 
-    python {script} [--workspace DIR]{usage}
+    python {script} [--workspace DIR] [--PARAM VALUE ...]
+
+Params: {usage}.
 """
 from __future__ import annotations
 
@@ -204,8 +210,8 @@ from sdk import SkillBank
 
 WORKSPACE = {workspace}
 PARAMS = {params}
-# Log lines worth echoing while a job runs: the SDK's, AutoML's and preflight's tagged lines, and metric lines.
-PROGRESS = re.compile(r"^(\\[[a-z]+\\]|\\s*(mAP|mAP50|AR)\\w*: )")
+# Log lines worth echoing while a job runs: the SDK's and AutoML's tagged lines, and evaluation metrics.
+PROGRESS = re.compile(r"^(\\[(skillbank|automl)\\]|\\s*mAP(50)?: )")
 
 
 def expand(value, params):
@@ -295,12 +301,13 @@ def render(workflow: Dict[str, Any], source: str, script: str) -> str:
                                 for s in steps) + "."),
         source=source,
         script=script,
-        usage="".join(f" [--{k.replace('_', '-')} ...]" for k in params),
+        usage=_wrap(", ".join(f"--{k.replace('_', '-')}" for k in params) or "none"),
         workspace=_flat(workflow.get("workspace") or "workspace"),
         params=literal(params, 0, len("PARAMS = ")),
         calls="\n".join(_call(s) for s in steps),
         options="\n".join(_option(k, v) for k, v in params.items()),
-        flag=FLAG if any(isinstance(v, bool) for v in params.values()) else "",
+        flag=FLAG if any(isinstance(v, bool) or (isinstance(v, list) and v and isinstance(v[0], bool))
+                         for v in params.values()) else "",
     )
 
 

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
     root = tmp_path / "data"
-    demo.make_data(root, num_train=6, num_val=4, num_infer=6)
+    demo.make_data(root, num_train=6, num_val=4, num_infer=6, prompts=demo.HOLDOUT)
     expected = {"manifest.json", "train_datasets/images.tar.gz", "train_datasets/annotations_odvg.jsonl",
                 "train_datasets/annotations_odvg_labelmap.json", "eval_dataset/images.tar.gz",
                 "eval_dataset/annotations.json", "inference_dataset/images.tar.gz",
@@ -32,10 +32,10 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
 
     stamp = (root / "train_datasets" / "images.tar.gz").stat().st_mtime_ns
     capsys.readouterr()
-    demo.make_data(root, num_train=6, num_val=4, num_infer=6)
+    demo.make_data(root, num_train=6, num_val=4, num_infer=6, prompts=demo.HOLDOUT)
     assert "reusing the dataset" in capsys.readouterr().out
     assert (root / "train_datasets" / "images.tar.gz").stat().st_mtime_ns == stamp
-    demo.make_data(root, num_train=8, num_val=4, num_infer=6)  # other settings: written again
+    demo.make_data(root, num_train=8, num_val=4, num_infer=6, prompts=demo.HOLDOUT)  # other settings: written again
     with tarfile.open(root / "train_datasets" / "images.tar.gz") as tar:
         assert len(tar.getnames()) == 8
 
