@@ -116,7 +116,7 @@ def run(bank, params):
                     "image_dir": "${data}/eval_dataset/images.tar.gz",
                     "json_file": "${data}/eval_dataset/annotations.json",
                 },
-                "batch_size": 4,
+                "batch_size": 2,
                 "workers": 0,
                 "augmentation": {
                     "scales": [224, 240, 256, 272, 288],

@@ -40,6 +40,17 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
         assert len(tar.getnames()) == 8
 
 
+def test_workflow_fine_tunes_the_base_architecture():
+    from grounding_dino.base_model import MODEL
+    from runner.runner_gen import load_workflow
+
+    steps = load_workflow(demo.REPO_ROOT / "examples" / "demo_workflow.yaml")["steps"]
+    train = next(s for s in steps if s["action"] == "train")
+    # backbone_norm is left to 'auto': the pretrained backbone's norm layers stay frozen while fine-tuning
+    assert train["spec"]["model"] == {k: v for k, v in MODEL.items() if k != "backbone_norm"}
+    assert train["spec"]["train"]["pretrained_model_path"] == "${base_model}"
+
+
 def test_found_per_phrase_matches_each_object_once():
     truth = {"images": [{"id": 0, "file_name": "a.jpg"}], "categories": [{"id": 0, "name": "red circle"}],
              "annotations": [{"image_id": 0, "category_id": 0, "bbox": [10, 10, 20, 20]}]}
