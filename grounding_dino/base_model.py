@@ -72,7 +72,7 @@ def generate_data(root: str | os.PathLike, num_train: int, num_val: int = NUM_VA
 
 
 def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_size: int, cuda: bool,
-               workers: int, validation_interval: int, decay_by_epoch: bool) -> Dict[str, Any]:
+               workers: int, validation_interval: int, decay_by_epoch: bool, lr: float = LR) -> Dict[str, Any]:
     """The recipe's train spec. On CUDA: bf16. The learning rate drops at LR_DECAY_AT of the epochs, or of the
     time budget when `decay_by_epoch` is false (TimeBudget does it then)."""
     lr_steps = [max(1, int(epochs * LR_DECAY_AT))] if decay_by_epoch else [epochs + 1]
@@ -89,7 +89,7 @@ def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_si
             "num_epochs": epochs, "seed": SEED, "freeze": ["bert"], "activation_checkpoint": False,
             "precision": "bf16" if cuda else "fp32", "validation_interval": validation_interval,
             "checkpoint_interval": validation_interval,
-            "optim": {"lr": LR, "lr_backbone": LR, "lr_steps": lr_steps},
+            "optim": {"lr": lr, "lr_backbone": lr, "lr_steps": lr_steps},
         },
     }
 
@@ -210,7 +210,7 @@ def _callbacks(out: Path, seconds: Optional[float]):
 
 def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Optional[int] = None,
           batch_size: Optional[int] = None, num_train: int = 6000, device: str = "auto",
-          workers: Optional[int] = None) -> Path:
+          workers: Optional[int] = None, lr: float = LR) -> Path:
     """Train the base model from scratch and pack it to `out/base_model.pth` with a card (no metrics yet)."""
     if not minutes and not epochs:
         raise ValueError("give --epochs, --minutes or both: the recipe needs to know when to stop")
@@ -234,12 +234,14 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
           f"({time.time() - started:.0f} s)", flush=True)
     max_epochs = epochs or 100_000
     spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
-                      workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes)
+                      workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes,
+                      lr=lr)
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)
     train_start = time.time()
     run_training(load_experiment(spec), callbacks=callbacks)
     train_seconds = time.time() - train_start
-    recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "device": device}
+    recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
+              "device": device}
     card = {
         "name": "grounding_dino_base_shapes",
         "file": "base_model.pth",
@@ -252,7 +254,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
                  "num_train": num_train, "num_val": NUM_VAL},
         "model": spec["model"],
         "train": {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
-                  "lr": LR, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
+                  "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
                   "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'cpu'}, "
                                                                        f"{torch.get_num_threads()} threads)",
                   "torch": torch.__version__},
@@ -308,6 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--batch-size", type=int, help="default 32 on CUDA, 4 on CPU")
     b.add_argument("--num-train", type=int, default=6000, help="training images (default %(default)s)")
     b.add_argument("--workers", type=int, help="data-loader workers (default 8 on CUDA, 0 on CPU)")
+    b.add_argument("--lr", type=float, default=LR, help="learning rate of every group (default %(default)s)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c = commands.add_parser("card", help="evaluate a packed model on the base val set and write its card")
     c.add_argument("--model", default=str(BASE_MODEL), help="packed model file (default %(default)s)")
@@ -316,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "build":
             build(args.out, minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
-                  num_train=args.num_train, device=args.device, workers=args.workers)
+                  num_train=args.num_train, device=args.device, workers=args.workers, lr=args.lr)
         else:
             write_card(args.model)
     except (ValueError, FileNotFoundError) as err:
