@@ -206,8 +206,8 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
     shipped = json.loads(base_model.BASE_CARD.read_text()) if base_model.BASE_CARD.is_file() else {}
     recipe = shipped.get("recipe_args", {})
     given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
-    args = {k: given[k] if given.get(k) is not None else recipe.get(k) for k in ("minutes", "epochs", "batch_size",
-                                                                              "num_train")}
+    args = {k: given[k] if given.get(k) is not None else recipe.get(k)
+            for k in ("minutes", "epochs", "batch_size", "num_train", "lr")}
     out = workspace / "base_model_build"
     command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(out)]
     command += [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
