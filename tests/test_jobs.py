@@ -139,7 +139,6 @@ def test_cli(workspace, tiny_data, tmp_path, capsys):
     assert "train.num_epochs" in capsys.readouterr().err
     assert not (workspace / "jobs").exists()
     assert cli(base + ["job", "create", "--action", "train", "-e", str(tmp_path / "none.yaml")]) == 2
-    assert cli(base + ["demo"]) == 1
     assert cli(base + ["job", "status", "nope"]) == 2
     assert cli(base + ["preflight", "--action", "train", "-e", str(spec)]) == 0
     assert "preflight train: OK" in capsys.readouterr().out
