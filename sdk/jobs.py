@@ -127,7 +127,8 @@ def _start_time(pid: int) -> Optional[str]:
     return None if fields[0] == "Z" else fields[19]
 
 
-def _alive(pid: int, start_time: Optional[str]) -> bool:
+def process_alive(pid: int, start_time: Optional[str] = None) -> bool:
+    """Whether `pid` runs; with `start_time` (from /proc), also that it is the same process, not a reused pid."""
     if Path("/proc").is_dir():
         current = _start_time(pid)
         return current is not None and (start_time is None or current == start_time)
@@ -305,7 +306,7 @@ class SkillBank:
         if child is not None and child.poll() is not None:
             self._children.pop(job_id)
         if record["status"] in ("pending", "running") and record.get("pid"):
-            gone = child.returncode is not None if child is not None else not _alive(record["pid"],
+            gone = child.returncode is not None if child is not None else not process_alive(record["pid"],
                                                                                      record.get("pid_start"))
             if gone:
                 record = read_job(job_dir)  # it may have finished between the two reads
@@ -343,7 +344,7 @@ class SkillBank:
             return job
         record = update_job(job.path, cancel_requested=True)
         pid = record.get("pid")
-        if pid and _alive(pid, record.get("pid_start")):
+        if pid and process_alive(pid, record.get("pid_start")):
             _signal_group(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             while self._running(job_id, pid, record) and time.monotonic() < deadline:
@@ -360,7 +361,7 @@ class SkillBank:
         child = self._children.get(job_id)
         if child is not None:
             return child.poll() is None
-        return _alive(pid, record.get("pid_start"))
+        return process_alive(pid, record.get("pid_start"))
 
     # -- helpers -------------------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from sdk.errors import SpecError
+from sdk.jobs import process_alive
 
 DEFAULT_DB = "automl_study.db"
 # Trial user attributes.
@@ -138,13 +139,6 @@ def owner() -> Dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -157,7 +151,7 @@ def fail_dead_trials(study: optuna.Study, storage) -> list[int]:
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = trial.user_attrs.get(OWNER_ATTR)
-        if not who or who["host"] != host or _alive(who["pid"]):
+        if not who or who["host"] != host or process_alive(who["pid"]):
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
