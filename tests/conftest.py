@@ -14,6 +14,20 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+def tiny_spec(tiny_train_spec: dict, results_dir, **overrides) -> dict:
+    """A copy of the `tiny_train_spec` fixture with results_dir set and dotted overrides ("train.num_epochs": 3)."""
+    import copy
+
+    from sdk.spec import set_path
+
+    spec = copy.deepcopy(tiny_train_spec)
+    spec.pop("_paths")
+    spec["results_dir"] = str(results_dir)
+    for dotted, value in overrides.items():
+        set_path(spec, dotted, value)
+    return spec
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     path = tmp_path / "workspace"

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_spec
 
 from grounding_dino.status import read_status
+from sdk.spec import set_path
 
 COCO_NAMES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -27,17 +29,10 @@ COCO_NAMES = (
 
 def make_spec(tiny_train_spec, results_dir: Path, **overrides) -> dict:
     """The shared tiny spec with 1+1 layers, results_dir, test = val data, and dotted overrides applied."""
-    spec = copy.deepcopy(tiny_train_spec)
-    spec.pop("_paths")
-    spec["results_dir"] = str(results_dir)
-    spec["model"].update(enc_layers=1, dec_layers=1)
+    spec = tiny_spec(tiny_train_spec, results_dir, **{"model.enc_layers": 1, "model.dec_layers": 1})
     spec["dataset"]["test_data_sources"] = dict(spec["dataset"]["val_data_sources"])
     for dotted, value in overrides.items():
-        node = spec
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_path(spec, dotted, value)
     return spec
 
 

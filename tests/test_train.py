@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import tiny_spec
+
 from grounding_dino import actions
 from grounding_dino.status import StatusWriter, read_status
 
@@ -109,7 +111,12 @@ class _Tiny:
     def trainer(results, epochs=3, validate_every=1, **checkpoint_kwargs):
         from lightning.pytorch import Trainer
 
-        from grounding_dino.callbacks import AtomicCheckpointIO, GDinoCheckpoint, RngState, StatusLogger
+        from grounding_dino.callbacks import (
+            AtomicCheckpointIO,
+            GDinoCheckpoint,
+            RngState,
+            StatusLogger,
+        )
 
         return Trainer(
             accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
@@ -198,22 +205,6 @@ def test_rng_state_round_trip():
 
 
 # ------------------------------------------------------------------------------------------------ real training
-def _spec(tiny_train_spec, results_dir, **overrides) -> dict:
-    """The shared tiny spec with results_dir and dotted overrides ("train.num_epochs": 3) applied."""
-    import copy
-
-    spec = copy.deepcopy(tiny_train_spec)
-    spec.pop("_paths")
-    spec["results_dir"] = str(results_dir)
-    for dotted, value in overrides.items():
-        node = spec
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return spec
-
-
 def _config(spec: dict):
     from grounding_dino.config import load_experiment
 
@@ -229,7 +220,7 @@ def two_epochs(tiny_train_spec, tmp_path_factory):
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("two_epochs")
-    spec = _spec(tiny_train_spec, out, encryption_key="secret-key")
+    spec = tiny_spec(tiny_train_spec, out, encryption_key="secret-key")
     assert run_training(_config(spec)) == 0
     return out / "train", spec
 
@@ -286,7 +277,7 @@ def test_experiment_yaml_and_tensorboard(two_epochs):
 def test_param_groups_get_their_learning_rates(tiny_train_spec, tmp_path):
     from grounding_dino.lightning_module import GroundingDINOModule
 
-    spec = _spec(tiny_train_spec, tmp_path, **{"train.optim.lr": 1e-3, "train.optim.lr_backbone": 2e-5,
+    spec = tiny_spec(tiny_train_spec, tmp_path, **{"train.optim.lr": 1e-3, "train.optim.lr_backbone": 2e-5,
                                                "train.optim.lr_linear_proj_mult": 0.1})
     module = GroundingDINOModule(_config(spec))
     optimizer = module.configure_optimizers()["optimizer"]
@@ -307,7 +298,7 @@ def test_schedules_decay_at_the_configured_epochs(tiny_train_spec, tmp_path):
     from grounding_dino.lightning_module import GroundingDINOModule
 
     def lrs(**optim):
-        spec = _spec(tiny_train_spec, tmp_path, **{f"train.optim.{k}": v for k, v in optim.items()})
+        spec = tiny_spec(tiny_train_spec, tmp_path, **{f"train.optim.{k}": v for k, v in optim.items()})
         scheduler = GroundingDINOModule(_config(spec)).configure_optimizers()["lr_scheduler"]
         assert scheduler["interval"] == "epoch"
         out = []
@@ -346,7 +337,7 @@ def dry_run_frozen(tiny_train_spec, tmp_path_factory):
     from grounding_dino.train import run_training
 
     out = tmp_path_factory.mktemp("dry_run")
-    spec = _spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5, "train.verbose": True,
+    spec = tiny_spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5, "train.verbose": True,
                                           "train.freeze": ["backbone.0", "bert"]})
     probe = _WeightProbe.make()
     assert run_training(_config(spec), callbacks=[probe]) == 0
@@ -377,7 +368,7 @@ def test_freeze_keeps_prefixed_weights_and_trains_the_rest(dry_run_frozen):
 def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
     from grounding_dino.train import build_module
 
-    spec = _spec(tiny_train_spec, tmp_path, **{"train.freeze": ["backbone.0", "bakbone"]})
+    spec = tiny_spec(tiny_train_spec, tmp_path, **{"train.freeze": ["backbone.0", "bakbone"]})
     with pytest.raises(ValueError, match=r"train.freeze\[1\] = 'bakbone' matches no parameter"):
         build_module(_config(spec))
 
@@ -390,17 +381,18 @@ def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, 
     results, _ = two_epochs
     latest = results / "gdino_model_latest.pth"
     saved = torch.load(latest, weights_only=True)
-    spec = _spec(tiny_train_spec, tmp_path, **{"train.pretrained_model_path": str(latest)})
+    spec = tiny_spec(tiny_train_spec, tmp_path, **{"train.pretrained_model_path": str(latest)})
     module = build_module(_config(spec))
     assert torch.equal(module.model.state_dict()["transformer.tgt_embed.weight"],
                        saved["state_dict"]["model.transformer.tgt_embed.weight"])
     # resuming needs our training checkpoint with the same architecture
-    other = _spec(tiny_train_spec, tmp_path, **{"model.num_queries": 120})
+    other = tiny_spec(tiny_train_spec, tmp_path, **{"model.num_queries": 120})
     with pytest.raises(ValueError, match="model.num_queries: checkpoint 100, spec 120"):
         build_module(_config(other), saved)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         build_module(_config(spec), {"model": saved["state_dict"]})
-    missing = _spec(tiny_train_spec, tmp_path, **{"train.resume_training_checkpoint_path": str(tmp_path / "nope.pth")})
+    missing = tiny_spec(tiny_train_spec, tmp_path,
+                        **{"train.resume_training_checkpoint_path": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match="resume_training_checkpoint_path"):
         run_training(_config(missing))
 
@@ -412,7 +404,7 @@ def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("FSDP is allowed on CUDA")
-    spec = _spec(tiny_train_spec, tmp_path, **{"train.distributed_strategy": "fsdp"})
+    spec = tiny_spec(tiny_train_spec, tmp_path, **{"train.distributed_strategy": "fsdp"})
     with pytest.raises(ValueError, match="fsdp.*needs CUDA GPUs.*use 'ddp'"):
         build_trainer(_config(spec), tmp_path)
 
@@ -430,7 +422,7 @@ def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
 
     torch.set_num_threads(2)
     val = tiny_train_spec["dataset"]["val_data_sources"]
-    spec = _spec(tiny_train_spec, tmp_path, **{
+    spec = tiny_spec(tiny_train_spec, tmp_path, **{
         "dataset.train_data_sources": [dict(val)],
         "dataset.augmentation.horizontal_flip_prob": 0.0,
         "dataset.augmentation.train_random_crop_min": 128,  # crops and rescales become identities
