@@ -5,11 +5,13 @@ Like a TAO user who starts from a pretrained model, the demo fine-tunes this one
 (`assets/base_model.card.json`: recipe, data seed, steps, time, val mAP/mAP50, sha256). The recipe rebuilds both:
 
     python -m grounding_dino.base_model build --out DIR [--minutes M] [--epochs N] [--batch-size B]
-                                              [--num-train N] [--device auto|cpu|cuda]
+                                              [--num-train N] [--lr LR] [--device auto|cpu|cuda] [--init FILE]
     python -m grounding_dino.base_model card --model DIR/base_model.pth
 
 `build` generates the base data (8 colours x 5 shapes, seed SEED), trains from scratch with `run_training`, stops
 after N epochs or M minutes (whichever comes first), packs the final weights and writes the card without metrics.
+`build --init PREVIOUS/base_model.pth` continues from an earlier build instead of from scratch: the card then lists
+every stage (device, time, steps, settings) and its `recipe` chains the commands that rebuild the file from scratch.
 `card` regenerates the base val set from the seed in the card, evaluates the packed file through the evaluate
 action and writes val_mAP, val_mAP50, size and sha256 into the card. Hours on a 2-core CPU, minutes on a GPU.
 """
@@ -208,12 +210,43 @@ def _callbacks(out: Path, seconds: Optional[float]):
     return [Progress(), packer] + ([TimeBudget()] if seconds else []), packer
 
 
+def _stage_command(args: Dict[str, Any], out: str) -> str:
+    return f"python -m grounding_dino.base_model build --out {out} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v is not None)
+
+
+def recipe_commands(stages: Sequence[Dict[str, Any]]) -> list:
+    """The build commands that remake a file from scratch, one per stage, each continuing from the one before."""
+    commands = []
+    for number, stage in enumerate(stages, 1):
+        args = {k: v for k, v in stage["recipe_args"].items() if k != "init"}
+        if number > 1:
+            args["init"] = f"stage{number - 1}/base_model.pth"
+        commands.append(_stage_command(args, f"stage{number}" if len(stages) > 1 else "DIR"))
+    return commands
+
+
+def _previous_stages(init: Optional[str]) -> list:
+    """The stages of the packed file a build continues from (from its card), after checking it is a base model."""
+    if init is None:
+        return []
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"--init {init}: no such file; give a base_model.pth written by an earlier build")
+    card = read_card(init)
+    if card.get("model") != MODEL:
+        raise ValueError(f"--init {init}: its card describes another architecture than this recipe's MODEL; "
+                         "continue only from a file this recipe built")
+    return card.get("stages") or [{"recipe_args": card["recipe_args"], "train": card["train"]}]
+
+
 def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Optional[int] = None,
           batch_size: Optional[int] = None, num_train: int = 6000, device: str = "auto",
-          workers: Optional[int] = None, lr: float = LR) -> Path:
-    """Train the base model from scratch and pack it to `out/base_model.pth` with a card (no metrics yet)."""
+          workers: Optional[int] = None, lr: float = LR, init: Optional[str] = None) -> Path:
+    """Train the base model (from scratch, or from the earlier build `init`) and pack it to `out/base_model.pth`
+    with a card (no metrics yet)."""
     if not minutes and not epochs:
         raise ValueError("give --epochs, --minutes or both: the recipe needs to know when to stop")
+    previous = _previous_stages(init)
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
     import torch
@@ -236,28 +269,36 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
                       workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes,
                       lr=lr)
+    if init:
+        spec["train"]["pretrained_model_path"] = str(Path(init).resolve())
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)
     train_start = time.time()
     run_training(load_experiment(spec), callbacks=callbacks)
     train_seconds = time.time() - train_start
     recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
               "device": device}
+    train = {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
+             "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
+             "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'cpu'}, "
+                                                                  f"{torch.get_num_threads()} threads)",
+             "torch": torch.__version__}
+    if init:
+        train["init_sha256"] = sha256(init)
+    stages = previous + [{"recipe_args": recipe, "train": train}]
     card = {
         "name": "grounding_dino_base_shapes",
         "file": "base_model.pth",
         "text_encoder": TEXT_ENCODER,
-        "recipe": "python -m grounding_dino.base_model build " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in recipe.items() if v is not None),
+        "recipe": " && ".join(recipe_commands(stages)),
         "recipe_args": recipe,
         "data": {"generator": "grounding_dino.data.synthetic", "seed": SEED, "colors": list(COLORS),
                  "shapes": list(SHAPES), "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
                  "num_train": num_train, "num_val": NUM_VAL},
         "model": spec["model"],
-        "train": {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
-                  "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
-                  "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'cpu'}, "
-                                                                       f"{torch.get_num_threads()} threads)",
-                  "torch": torch.__version__},
+        "train": {"steps": sum(stage["train"]["steps"] for stage in stages),
+                  "seconds": round(sum(stage["train"]["seconds"] for stage in stages), 1),
+                  "stages": len(stages)},
+        "stages": stages,
     }
     _write_card(out / "base_model.card.json", card)
     print(f"[base] packed {out / 'base_model.pth'} after {packer.steps} steps ({train_seconds / 60:.1f} min)",
@@ -312,6 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--workers", type=int, help="data-loader workers (default 8 on CUDA, 0 on CPU)")
     b.add_argument("--lr", type=float, default=LR, help="learning rate of every group (default %(default)s)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    b.add_argument("--init", help="continue from this earlier build's base_model.pth instead of from scratch")
     c = commands.add_parser("card", help="evaluate a packed model on the base val set and write its card")
     c.add_argument("--model", default=str(BASE_MODEL), help="packed model file (default %(default)s)")
     args = parser.parse_args(argv)
@@ -319,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "build":
             build(args.out, minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
-                  num_train=args.num_train, device=args.device, workers=args.workers, lr=args.lr)
+                  num_train=args.num_train, device=args.device, workers=args.workers, lr=args.lr,
+                  init=args.init)
         else:
             write_card(args.model)
     except (ValueError, FileNotFoundError) as err:

@@ -198,21 +198,34 @@ def load_workflow_runner(path: Path = WORKFLOW):
 
 
 def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int], num_train: Optional[int]) -> None:
-    """Rebuild the base model with its recipe (the shipped card's settings unless given), evaluate it, install it."""
+    """Rebuild the base model with its recipe, evaluate it, install it. Every stage of the shipped card runs in order
+    for the number of epochs it ran (its time budget was for its own device, epochs are the same work on any);
+    a one-stage card's settings can be overridden."""
     import subprocess
 
     from grounding_dino import base_model
 
     shipped = json.loads(base_model.BASE_CARD.read_text()) if base_model.BASE_CARD.is_file() else {}
-    recipe = shipped.get("recipe_args", {})
+    stages = shipped.get("stages") or [{"recipe_args": shipped.get("recipe_args", {}),
+                                        "train": shipped.get("train", {})}]
     given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
-    args = {k: given[k] if given.get(k) is not None else recipe.get(k)
-            for k in ("minutes", "epochs", "batch_size", "num_train", "lr")}
-    out = workspace / "base_model_build"
-    command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(out)]
-    command += [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
-    print(f"[demo] building the base model: {' '.join(command[1:])}", flush=True)
-    subprocess.run(command, check=True)
+    if len(stages) > 1 and any(v is not None for v in given.values()):
+        raise ValueError("the shipped base model was built in several stages; rebuild it with the card's recipe "
+                         "as is, or run `python -m grounding_dino.base_model build` yourself with your settings")
+    for stage in stages:
+        if given["minutes"] is None and given["epochs"] is None and stage["train"].get("epochs"):
+            stage["recipe_args"] = dict(stage["recipe_args"], minutes=None, epochs=stage["train"]["epochs"])
+    out = None
+    for number, stage in enumerate(stages, 1):
+        args = {k: given[k] if given.get(k) is not None else stage["recipe_args"].get(k)
+                for k in ("minutes", "epochs", "batch_size", "num_train", "lr")}
+        previous, out = out, workspace / "base_model_build" / f"stage{number}"
+        command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(out)]
+        command += [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+        if previous is not None:
+            command += ["--init", str(previous / "base_model.pth")]
+        print(f"[demo] building the base model, stage {number}/{len(stages)}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
     subprocess.run([sys.executable, "-m", "grounding_dino.base_model", "card", "--model",
                     str(out / "base_model.pth")], check=True)
     base_model.ASSETS.mkdir(exist_ok=True)
@@ -269,7 +282,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     workspace = Path(args.demo_workspace)
     if args.build_base:
-        build_base(workspace, args.base_minutes, args.base_epochs, args.base_num_train)
+        try:
+            build_base(workspace, args.base_minutes, args.base_epochs, args.base_num_train)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     run_demo(workspace, fresh=args.fresh, num_train=args.num_train, num_val=args.num_val,
              num_infer=args.num_infer, max_trials=args.max_trials, num_epochs=args.num_epochs)
     return 0

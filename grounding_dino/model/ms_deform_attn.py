@@ -12,14 +12,15 @@ def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], locations:
     batch, _, heads, dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
     grids = 2 * locations - 1
-    sampled = []
+    weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+    out = 0
+    # Weighting each level as it is sampled avoids stacking every level's samples into one large copy.
     for level, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
         h, w = shapes[level]
         value_l = value_l.flatten(2).transpose(1, 2).reshape(batch * heads, dim, h, w)
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*nH, Q, nP, 2]
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = out + (sampled * weights[:, :, :, level]).sum(-1)
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
