@@ -177,26 +177,31 @@ def _callbacks(out: Path, seconds: Optional[float]):
                   + f" ({time.monotonic() - self.start:.0f} s)", flush=True)
 
     class TimeBudget(Callback):
-        """Stop at the end of the epoch after which the next one would overrun `seconds`; drop the learning rate
-        10x once LR_DECAY_AT of the budget is spent (what MultiStep does for a fixed epoch count)."""
+        """Drop the learning rate 10x at the first step after LR_DECAY_AT of the budget (what MultiStep does for a
+        fixed epoch count; checked per step, so a run of a few long epochs still trains at the low rate), and stop
+        at the end of the epoch after which the next one would overrun `seconds`."""
 
         def on_train_start(self, trainer, module):
             self.start, self.decayed = time.monotonic(), False
 
-        def on_train_epoch_end(self, trainer, module):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             elapsed = time.monotonic() - self.start
-            per_epoch = elapsed / (trainer.current_epoch + 1)
             if not self.decayed and elapsed >= LR_DECAY_AT * seconds:
                 for optimizer in trainer.optimizers:
                     for group in optimizer.param_groups:
                         group["lr"] *= 0.1
                 self.decayed = True
-                print(f"[base] learning rate dropped 10x after {elapsed:.0f} s", flush=True)
-            if elapsed + per_epoch > seconds:
+                packer.lr_drop_step = trainer.global_step
+                print(f"[base] learning rate dropped 10x at step {trainer.global_step} ({elapsed:.0f} s)", flush=True)
+
+        def on_train_epoch_end(self, trainer, module):
+            elapsed = time.monotonic() - self.start
+            if elapsed + elapsed / (trainer.current_epoch + 1) > seconds:
                 trainer.should_stop = True
 
     class Pack(Callback):
         epochs = steps = 0
+        lr_drop_step = None
 
         def on_train_epoch_end(self, trainer, module):
             self.epochs += 1
@@ -239,6 +244,12 @@ def _previous_stages(init: Optional[str]) -> list:
     return card.get("stages") or [{"recipe_args": card["recipe_args"], "train": card["train"]}]
 
 
+def _epoch_drop_step(spec: Dict[str, Any], packer) -> Optional[int]:
+    """The step at which the MultiStep schedule of an epoch-bounded run dropped the learning rate (None: never)."""
+    drop_epoch = spec["train"]["optim"]["lr_steps"][0]
+    return drop_epoch * (packer.steps // packer.epochs) if drop_epoch < packer.epochs else None
+
+
 def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Optional[int] = None,
           batch_size: Optional[int] = None, num_train: int = 6000, device: str = "auto",
           workers: Optional[int] = None, lr: float = LR, init: Optional[str] = None) -> Path:
@@ -278,6 +289,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
               "device": device}
     train = {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
+             "lr_drop_step": packer.lr_drop_step if minutes else _epoch_drop_step(spec, packer),
              "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
              "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'cpu'}, "
                                                                   f"{torch.get_num_threads()} threads)",

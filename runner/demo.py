@@ -197,40 +197,50 @@ def load_workflow_runner(path: Path = WORKFLOW):
     return module
 
 
+def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float] = None,
+                        epochs: Optional[int] = None, num_train: Optional[int] = None) -> List[List[str]]:
+    """The commands that rebuild a base model from scratch after `card`: every stage in order, each for the number
+    of epochs it ran (its time budget was for its own device; epochs are the same work on any), each continuing from
+    the one before. A one-stage card's settings can be overridden."""
+    stages = card.get("stages") or [{"recipe_args": card.get("recipe_args", {}), "train": card.get("train", {})}]
+    given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
+    overridden = any(v is not None for v in given.values())
+    if len(stages) > 1 and overridden:
+        raise ValueError("the shipped base model was built in several stages; rebuild it with the card's recipe "
+                         "as is, or run `python -m grounding_dino.base_model build` yourself with your settings")
+    commands, previous = [], None
+    for number, stage in enumerate(stages, 1):
+        args = dict(stage["recipe_args"])
+        if not overridden and stage["train"].get("epochs"):
+            args.update(minutes=None, epochs=stage["train"]["epochs"])
+        args.update({k: v for k, v in given.items() if v is not None})
+        folder = out / f"stage{number}"
+        command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(folder)]
+        command += [x for k in ("minutes", "epochs", "batch_size", "num_train", "lr") if args.get(k) is not None
+                    for x in (f"--{k.replace('_', '-')}", str(args[k]))]
+        if previous is not None:
+            command += ["--init", str(previous / "base_model.pth")]
+        commands.append(command)
+        previous = folder
+    return commands
+
+
 def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int], num_train: Optional[int]) -> None:
-    """Rebuild the base model with its recipe, evaluate it, install it. Every stage of the shipped card runs in order
-    for the number of epochs it ran (its time budget was for its own device, epochs are the same work on any);
-    a one-stage card's settings can be overridden."""
+    """Rebuild the base model with the shipped card's recipe (base_build_commands), evaluate it, install it."""
     import subprocess
 
     from grounding_dino import base_model
 
     shipped = json.loads(base_model.BASE_CARD.read_text()) if base_model.BASE_CARD.is_file() else {}
-    stages = shipped.get("stages") or [{"recipe_args": shipped.get("recipe_args", {}),
-                                        "train": shipped.get("train", {})}]
-    given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
-    if len(stages) > 1 and any(v is not None for v in given.values()):
-        raise ValueError("the shipped base model was built in several stages; rebuild it with the card's recipe "
-                         "as is, or run `python -m grounding_dino.base_model build` yourself with your settings")
-    for stage in stages:
-        if given["minutes"] is None and given["epochs"] is None and stage["train"].get("epochs"):
-            stage["recipe_args"] = dict(stage["recipe_args"], minutes=None, epochs=stage["train"]["epochs"])
-    out = None
-    for number, stage in enumerate(stages, 1):
-        args = {k: given[k] if given.get(k) is not None else stage["recipe_args"].get(k)
-                for k in ("minutes", "epochs", "batch_size", "num_train", "lr")}
-        previous, out = out, workspace / "base_model_build" / f"stage{number}"
-        command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(out)]
-        command += [x for k, v in args.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
-        if previous is not None:
-            command += ["--init", str(previous / "base_model.pth")]
-        print(f"[demo] building the base model, stage {number}/{len(stages)}: {' '.join(command[1:])}", flush=True)
+    commands = base_build_commands(shipped, workspace / "base_model_build", minutes, epochs, num_train)
+    for number, command in enumerate(commands, 1):
+        print(f"[demo] building the base model, stage {number}/{len(commands)}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True)
-    subprocess.run([sys.executable, "-m", "grounding_dino.base_model", "card", "--model",
-                    str(out / "base_model.pth")], check=True)
+    packed = Path(commands[-1][commands[-1].index("--out") + 1]) / "base_model.pth"
+    subprocess.run([sys.executable, "-m", "grounding_dino.base_model", "card", "--model", str(packed)], check=True)
     base_model.ASSETS.mkdir(exist_ok=True)
     for name in ("base_model.pth", "base_model.card.json"):
-        shutil.copyfile(out / name, base_model.ASSETS / name)
+        shutil.copyfile(packed.parent / name, base_model.ASSETS / name)
     print(f"[demo] installed the new base model into {base_model.ASSETS}", flush=True)
 
 

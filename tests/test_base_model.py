@@ -91,8 +91,54 @@ def test_shipped_base_model_is_small_and_matches_its_card():
     assert card["data"]["seed"] == base_model.SEED and card["data"]["colors"] == list(base_model.COLORS)
     assert card["train"]["steps"] > 0 and card["train"]["seconds"] > 0
     assert card["recipe"].startswith("python -m grounding_dino.base_model build")
+    stages = card.get("stages", [])
+    if stages:  # built in stages: the card accounts for each, and each continued from the one before
+        assert card["recipe"] == " && ".join(base_model.recipe_commands(stages))
+        assert card["train"]["steps"] == sum(s["train"]["steps"] for s in stages)
+        assert all("init_sha256" in s["train"] for s in stages[1:]) and "init_sha256" not in stages[0]["train"]
     report = load_weights(build_model(base_config()), path)
     assert report.ok
+
+
+TWO_STAGES = [
+    {"recipe_args": {"minutes": 4.5, "epochs": None, "batch_size": 32, "num_train": 6000, "lr": 5e-4,
+                     "device": "cuda"},
+     "train": {"epochs": 6, "steps": 1128, "seconds": 251.0}},
+    {"recipe_args": {"minutes": 90, "epochs": None, "batch_size": 4, "num_train": 3000, "lr": 2e-4,
+                     "device": "cpu"},
+     "train": {"epochs": 4, "steps": 3000, "seconds": 5400.0, "init_sha256": "ab" * 32}},
+]
+
+
+def test_recipe_chains_the_stages_from_scratch():
+    first, second = base_model.recipe_commands(TWO_STAGES)
+    assert first == ("python -m grounding_dino.base_model build --out stage1 --minutes 4.5 --batch-size 32 "
+                     "--num-train 6000 --lr 0.0005 --device cuda")
+    assert second.endswith("--device cpu --init stage1/base_model.pth") and "--out stage2" in second
+
+
+def test_demo_rebuild_replays_each_stage_by_the_epochs_it_ran(tmp_path):
+    from runner.demo import base_build_commands
+
+    commands = base_build_commands({"stages": TWO_STAGES}, tmp_path)
+    assert [c[c.index("--epochs") + 1] for c in commands] == ["6", "4"]
+    assert not any("--minutes" in c or "--device" in c for c in commands)  # the same work on whatever device
+    assert commands[1][-2:] == ["--init", str(tmp_path / "stage1" / "base_model.pth")]
+    with pytest.raises(ValueError, match="several stages"):
+        base_build_commands({"stages": TWO_STAGES}, tmp_path, minutes=5)
+    one = base_build_commands({"recipe_args": TWO_STAGES[0]["recipe_args"], "train": TWO_STAGES[0]["train"]},
+                              tmp_path, minutes=5)
+    assert len(one) == 1 and one[0][one[0].index("--minutes") + 1] == "5" and "--init" not in one[0]
+
+
+def test_build_refuses_to_continue_from_a_missing_or_foreign_file(packed, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--init .*no such file"):
+        base_model.build(tmp_path / "out", epochs=1, init=str(tmp_path / "nothing.pth"))
+    _, path = packed
+    base_model._write_card(base_model.card_path(path), {"model": {**base_model.MODEL, "hidden_dim": 64}})
+    with pytest.raises(ValueError, match="another architecture"):
+        base_model.build(tmp_path / "out", epochs=1, init=str(path))
+    assert not (tmp_path / "out").exists()  # refused before any data or training
 
 
 # Known gap (issue 5): the shipped model had 4.2 min of H200 training and reaches 0.386. strict=True turns this
