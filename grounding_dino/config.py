@@ -490,6 +490,10 @@ class AutoMLConfig:
         [], "Dotted keys to search; empty = the train schema's automl_default_parameters."
     )
     seed: Optional[int] = param(None, "Sampler seed; default train.seed.")
+    spec_values_first: bool = param(
+        True, "Run the spec's own values of the searched keys as the study's first trial: the baseline the search "
+              "has to beat, so the best trial is never worse than training without AutoML."
+    )
 
 
 @dataclass

@@ -107,6 +107,18 @@ def test_default_space_and_report_list_excluded_keys(tmp_path):
         assert (results / plot).read_bytes()[:4] == b"\x89PNG", plot
 
 
+def test_the_first_trial_runs_the_spec_values_unless_turned_off(tmp_path, capsys):
+    spec = _spec(tmp_path / "on", max_trials=2)
+    spec["train"]["optim"] = {"lr": 3e-4, "weight_decay": 2e-4}
+    study = run_automl(spec, run_trial=cheap_trial)
+    assert study.trials[0].params == {"train.optim.lr": 3e-4, "train.optim.weight_decay": 2e-4}
+    assert study.trials[1].params != study.trials[0].params
+    assert "the first trial runs the spec's own values (the baseline): train.optim.lr=0.0003" in capsys.readouterr().out
+    spec = _spec(tmp_path / "off", max_trials=1, spec_values_first=False)
+    spec["train"]["optim"] = {"lr": 3e-4, "weight_decay": 2e-4}
+    assert run_automl(spec, run_trial=cheap_trial).trials[0].params["train.optim.lr"] != 3e-4
+
+
 def test_failed_trials_count_and_the_last_error_is_reported(tmp_path):
     def broken(trial, spec, trial_dir):
         raise ValueError(f"no data for trial {trial.number}")

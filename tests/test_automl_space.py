@@ -200,3 +200,20 @@ def test_sampled_trial_specs_are_valid_specs_within_schema_bounds():
         assert aug["train_random_crop_min"] % 32 == 0 and aug["train_random_crop_max"] > aug["train_random_crop_min"]
         assert 1e-5 <= spec["train"]["optim"]["lr"] <= 1e-3
     assert default_spec()["train"]["optim"]["lr"] == 2e-4  # apply_params copies, never mutates
+
+
+def test_spec_point_maps_each_form_back_to_the_spec_value():
+    space = build_search_space(_spec(), _schema())
+    point = space.spec_point(_spec())
+    assert set(point) == {f"s.{k}" for k in FORMS}
+    study = optuna.create_study()
+    study.enqueue_trial(point)
+    trial = study.ask()
+    assert space.sample(trial) == {f"s.{k}": v["default"] for k, v in FORMS.items()}  # weighted "b" included
+
+
+def test_spec_point_leaves_values_outside_the_space_to_the_sampler():
+    spec = _spec()
+    spec["s"].update(range=2.0, multiple=390, power=48, weighted="z", child=384)  # child is not > multiple (384)
+    space = build_search_space(spec, _schema())
+    assert set(space.spec_point(spec)) == {"s.log_range", "s.ordered", "s.flag"}

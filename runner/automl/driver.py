@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from grounding_dino.config import load_experiment, to_dict
 from runner.automl.report import write_report
-from runner.automl.search_space import apply_params, build_search_space
+from runner.automl.search_space import apply_params, build_search_space, get_path
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
                                  SURPLUS_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
                                  redact, storage_url)
@@ -75,6 +75,12 @@ def run_automl(
          f"maximise {metric}, {max_trials} trials; searching {', '.join(space.keys)}")
     for key, reason in space.excluded:
         _log(f"not searched: {key}: {reason}")
+    if settings["spec_values_first"] and not study.get_trials(deepcopy=False):
+        point = space.spec_point(spec)
+        if point:
+            study.enqueue_trial(point, skip_if_exists=True)
+            _log("the first trial runs the spec's own values (the baseline): "
+                 + ", ".join(f"{k}={_fmt(get_path(spec, k))}" for k in point))
 
     ran: list[int] = []
 

@@ -294,6 +294,53 @@ class SearchSpace:
     def keys(self) -> List[str]:
         return [param.key for param in self.params]
 
+    def spec_point(self, spec: Mapping[str, Any]) -> Dict[str, Any]:
+        """The spec's own values as Optuna parameters (what `study.enqueue_trial` takes), for the keys whose spec
+        value lies inside the searched space; the other keys are left to the sampler."""
+        values: Dict[str, Any] = dict(self.fixed)
+        point: Dict[str, Any] = {}
+        for param in self.params:
+            value = get_path(spec, param.key)
+            values[param.key] = value
+            try:
+                internal = _as_parameter(param, value, values)
+            except ValueError:  # an impossible bound: the sampler reports it when the trial runs
+                internal = None
+            if internal is not None:
+                point[param.key] = internal
+        return point
+
+
+def _as_parameter(param: Param, value: Any, values: Mapping[str, Any]) -> Any:
+    """`value` as the Optuna parameter `param` suggests, or None when the space cannot produce it."""
+    if param.kind == "choice":
+        if value not in param.options:
+            return None
+        if param.weights is None:
+            return value
+        # The weighted draw is a uniform float: the middle of the value's share of [0, 1) maps back to it.
+        index = param.options.index(value)
+        total = sum(param.weights)
+        if param.weights[index] <= 0:
+            return None
+        start = sum(param.weights[:index]) / total
+        return start + param.weights[index] / total / 2
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high = _bounded_range(param, values)
+    if not low <= value <= high:
+        return None
+    if param.kind == "float":
+        return float(value)
+    if value != int(value):
+        return None
+    value = int(value)
+    if param.kind == "multiple" and value % param.step:
+        return None
+    if param.kind == "power" and value not in _powers(param.step, low, high):
+        return None
+    return value
+
 
 def build_search_space(
     spec: Mapping[str, Any],
