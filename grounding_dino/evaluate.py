@@ -7,15 +7,16 @@ in id order, post_process with model.num_select, and CocoEvaluator with dataset.
 for long category lists: they are split into several prompts of at most max_text_len tokens and the detections
 merged (Predictor.detect), so 80+ classes are all scored instead of being cut off.
 
-Writes `results.json` (every COCO metric), `detections.json` (the COCO results list) and `status.json` (KPIs
-test_mAP, test_mAP50) into evaluate.results_dir, else <results_dir>/evaluate.
+Writes `results.json` (every COCO metric), `detections.json` (the COCO results list), `per_class.json` (AP and
+AP50 of each category, also printed weakest first) and `status.json` (KPIs test_mAP, test_mAP50) into
+evaluate.results_dir, else <results_dir>/evaluate.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -39,8 +40,10 @@ def results_folder(cfg: ExperimentConfig, action: str) -> Path:
     raise ValueError(f"set results_dir (or {action}.results_dir): {action} needs a folder for its outputs")
 
 
-def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optional[Path] = None) -> Dict[str, float]:
-    """COCO metrics (evaluation.METRIC_NAMES) of `predictor` on the test split; optionally saves the detections."""
+def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optional[Path] = None,
+             per_class_json: Optional[Path] = None) -> Dict[str, float]:
+    """COCO metrics (evaluation.METRIC_NAMES) of `predictor` on the test split; optionally saves the detections
+    and the per-category AP / AP50."""
     options = cfg.evaluate
     size = predictor.image_size(options.input_width, options.input_height, "evaluate")
     loader = build_dataloader(cfg, "test", input_size=size,
@@ -54,7 +57,17 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         detections = predictor.detect(images, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
         evaluator.update([t["image_id"] for t in targets], detections)
-    return evaluator.summarize(detections_json)
+    metrics = evaluator.summarize(detections_json)
+    if per_class_json is not None:
+        per_class_json.write_text(json.dumps(evaluator.class_metrics, indent=1, allow_nan=False) + "\n")
+    return metrics
+
+
+def print_per_class(rows: List[dict]) -> None:
+    """The per-category table, weakest AP50 first (what to look at when the mean disappoints)."""
+    print(f"{'AP50':>8} {'AP':>7} {'objects':>8}  category")
+    for row in sorted(rows, key=lambda r: (r["AP50"], r["name"])):
+        print(f"{row['AP50']:8.4f} {row['AP']:7.4f} {row['objects']:8d}  {row['name']}")
 
 
 def run_evaluate(cfg: ExperimentConfig) -> int:
@@ -64,12 +77,13 @@ def run_evaluate(cfg: ExperimentConfig) -> int:
     status.write("STARTED", "Starting evaluation.")
     try:
         predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
-        metrics = evaluate(cfg, predictor, results_dir / "detections.json")
+        metrics = evaluate(cfg, predictor, results_dir / "detections.json", results_dir / "per_class.json")
     except Exception as err:
         status.write("FAILURE", f"Evaluation failed: {type(err).__name__}: {err}", verbosity="ERROR")
         raise
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     for name, value in metrics.items():
         print(f"{name:>10}: {value:.4f}")
+    print_per_class(json.loads((results_dir / "per_class.json").read_text()))
     status.write("SUCCESS", "Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()})
     return 0

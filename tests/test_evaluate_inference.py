@@ -80,6 +80,11 @@ def test_evaluate_equals_the_training_validation(trained, tmp_path):
     gt = COCO(trained["paths"]["val_json_file"])
     detections = gt.loadRes(str(tmp_path / "eval" / "detections.json"))
     assert len(detections.getAnnIds()) == 100 * len(gt.getImgIds())  # num_select per image
+    per_class = json.loads((tmp_path / "eval" / "per_class.json").read_text())
+    assert [r["name"] for r in per_class] == [c["name"] for c in gt.loadCats(gt.getCatIds())]
+    assert sum(r["objects"] for r in per_class) == len(gt.getAnnIds())
+    scored = [r["AP50"] for r in per_class if r["objects"]]
+    assert results["mAP50"] == pytest.approx(sum(scored) / len(scored), abs=1e-6)
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_architecture(tiny_train_spec, tmp_path):

@@ -113,6 +113,19 @@ def test_shifted_detections_score_lower():
     assert 0.0 < worse["mAP"] < good["mAP"] and worse["mAP75"] == pytest.approx(0.0)
 
 
+def test_per_class_ap_separates_a_found_class_from_a_missed_one():
+    gt = _ground_truth()
+    ids, detections = _detections(gt)
+    only_cats = [{k: v[d["labels"] == 0] for k, v in d.items()} for d in detections]
+    evaluator = CocoEvaluator(gt)
+    evaluator.update(ids, only_cats)
+    metrics = evaluator.summarize()
+    rows = {r["name"]: r for r in evaluator.class_metrics}
+    assert rows["cat"]["AP50"] == pytest.approx(1.0) and rows["cat"]["AP"] == pytest.approx(1.0)
+    assert rows["dog"]["AP50"] == 0.0 and rows["dog"]["objects"] == 2 and rows["cat"]["id"] == 0
+    assert metrics["mAP50"] == pytest.approx((rows["cat"]["AP50"] + rows["dog"]["AP50"]) / 2)
+
+
 def test_empty_detections_score_zero():
     gt = _ground_truth()
     evaluator = CocoEvaluator(gt)

@@ -74,6 +74,7 @@ class CocoEvaluator:
         self.eval_class_ids = None if eval_class_ids is None else sorted(set(eval_class_ids))
         self.score_threshold = score_threshold
         self.detections: Dict[int, List[dict]] = {}
+        self.class_metrics: List[dict] = []  # per category, filled by summarize
 
     def update(self, image_ids: Iterable[int], detections: Iterable[Mapping[str, torch.Tensor]]) -> None:
         """Add one batch: COCO image ids and the matching `post_process` outputs."""
@@ -129,4 +130,19 @@ class CocoEvaluator:
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
+        self.class_metrics = self._per_class(coco_eval)
         return {name: float(value) for name, value in zip(METRIC_NAMES, coco_eval.stats[: len(METRIC_NAMES)])}
+
+    def _per_class(self, coco_eval) -> List[dict]:
+        """AP (IoU .50:.95) and AP50 of each scored category, all areas, 100 detections; -1 without ground truth."""
+        precision = coco_eval.eval["precision"]  # [IoU thresholds, recall points, classes, areas, max dets]
+
+        def mean(values):
+            values = values[values > -1]
+            return float(values.mean()) if values.size else -1.0
+
+        return [{"id": int(cat_id), "name": self.coco_gt.cats[cat_id]["name"],
+                 "AP": mean(precision[:, :, k, 0, -1]), "AP50": mean(precision[0, :, k, 0, -1]),
+                 "objects": len(self.coco_gt.getAnnIds(imgIds=coco_eval.params.imgIds, catIds=[cat_id],
+                                                       iscrowd=False))}
+                for k, cat_id in enumerate(coco_eval.params.catIds)]
