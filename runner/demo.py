@@ -132,6 +132,20 @@ def found_per_phrase(detections: List[dict], truth: dict) -> Dict[str, Dict[str,
     return out
 
 
+def ap50_by_vocabulary(per_class: List[dict]) -> Dict[str, float]:
+    """Mean test AP50 of the names made only of words the base model was trained on, and of the names with a new
+    word (what fine-tuning had to teach); None for a group without ground truth."""
+    from grounding_dino.base_model import read_card
+
+    base = read_card()["data"]
+    known = set(base["colors"]) | set(base["shapes"])
+    groups: Dict[str, List[float]] = {"known_words": [], "new_words": []}
+    for row in per_class:
+        if row["objects"]:
+            groups["known_words" if set(row["name"].split()) <= known else "new_words"].append(row["AP50"])
+    return {k: sum(v) / len(v) if v else None for k, v in groups.items()}
+
+
 def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float]) -> Dict[str, Any]:
     """The demo's results from the finished jobs' folders."""
     import yaml
@@ -147,11 +161,13 @@ def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float])
     truth = json.loads((data / "inference_dataset" / "annotations.json").read_text())
     prompts = [p.strip().lower() for p in infer_spec["dataset"]["infer_data_sources"]["captions"]]
     found = {p: v for p, v in found_per_phrase(detections, truth).items() if p in prompts}
+    per_class = json.loads(_one(record["evaluate"].results_dir, "per_class.json").read_text())
     return {
         "jobs": jobs,
         "seconds": {**seconds, **{name: round(_seconds(r.record), 1) for name, r in record.items()}},
         "best_trial": {"trial": best["trial"], "val_mAP50": best["value"], "params": best["params"]},
         "test_mAP50": torch_eval["mAP50"],
+        "test_AP50_by_vocabulary": ap50_by_vocabulary(per_class),
         "onnx_test_mAP50": onnx_eval["mAP50"],
         "onnx_minus_torch_mAP50": onnx_eval["mAP50"] - torch_eval["mAP50"],
         "prompts": prompts,
@@ -174,6 +190,10 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"  best AutoML trial {best['trial']}: val mAP50 {best['val_mAP50']:.3f} ({params})")
     print(f"  evaluate: test mAP50 {summary['test_mAP50']:.3f} (PyTorch), {summary['onnx_test_mAP50']:.3f} "
           f"(ONNX Runtime; difference {summary['onnx_minus_torch_mAP50']:+.4f})")
+    vocabulary = summary["test_AP50_by_vocabulary"]
+    print("            AP50 " + ", ".join(f"{'-' if vocabulary[k] is None else format(vocabulary[k], '.3f')} on {text}"
+                                        for k, text in (("known_words", "names the base model knew"),
+                                                        ("new_words", "names with a new word"))))
     print(f"  inference prompts (score >= {summary['conf_threshold']}), objects found in the inference images:")
     for phrase in summary["prompts"]:
         counts = summary["found"].get(phrase, {"objects": 0, "found": 0, "false": 0})

@@ -62,6 +62,14 @@ def test_found_per_phrase_matches_each_object_once():
     assert found["blue star"] == {"objects": 0, "found": 0, "false": 1}
 
 
+def test_ap50_is_split_by_whether_a_name_has_a_word_new_to_the_base_model():
+    rows = [{"name": "red circle", "AP50": 0.8, "objects": 3}, {"name": "blue square", "AP50": 0.6, "objects": 2},
+            {"name": "orange circle", "AP50": 0.3, "objects": 4}, {"name": "red hexagon", "AP50": 0.1, "objects": 1},
+            {"name": "purple square", "AP50": -1.0, "objects": 0}]  # no ground truth: not averaged
+    split = demo.ap50_by_vocabulary(rows)
+    assert split["known_words"] == pytest.approx(0.7) and split["new_words"] == pytest.approx(0.2)
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
     summary = demo.run_demo(tmp_path / "ws", num_train=12, num_val=6, num_infer=3, max_trials=1, num_epochs=1)
@@ -72,6 +80,7 @@ def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
     assert set(summary["best_trial"]["params"]) == {"train.optim.lr", "train.optim.lr_backbone"}
     assert 0.0 <= summary["best_trial"]["val_mAP50"] <= 1.0
     assert abs(summary["onnx_minus_torch_mAP50"]) < 0.02
+    assert set(summary["test_AP50_by_vocabulary"]) == {"known_words", "new_words"}
     assert summary["held_out"][0] in summary["prompts"] and summary["held_out"][0] in summary["found"]
     assert len(list((tmp_path / "ws").rglob("images_annotated/*.jpg"))) == 3
     assert json.loads((tmp_path / "ws" / "demo_summary.json").read_text()) == summary
