@@ -215,9 +215,13 @@ def _callbacks(out: Path, seconds: Optional[float]):
     return [Progress(), packer] + ([TimeBudget()] if seconds else []), packer
 
 
+RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "device", "init")
+
+
 def _stage_command(args: Dict[str, Any], out: str) -> str:
+    # A fixed option order: the card stores its arguments with sorted keys, and the command must read the same.
     return f"python -m grounding_dino.base_model build --out {out} " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v is not None)
+        f"--{k.replace('_', '-')} {args[k]}" for k in RECIPE_OPTIONS if args.get(k) is not None)
 
 
 def recipe_commands(stages: Sequence[Dict[str, Any]]) -> list:
@@ -348,6 +352,8 @@ def write_card(model_path: str | os.PathLike) -> Dict[str, Any]:
     metrics = measure(model_path)
     card.update(val_mAP=metrics["mAP"], val_mAP50=metrics["mAP50"], size_bytes=Path(model_path).stat().st_size,
                 sha256=sha256(model_path))
+    if card.get("stages"):
+        card["recipe"] = " && ".join(recipe_commands(card["stages"]))
     _write_card(card_path(model_path), card)
     print(f"[base] {card_path(model_path)}: val mAP50 {card['val_mAP50']:.4f}, mAP {card['val_mAP']:.4f}", flush=True)
     return card
