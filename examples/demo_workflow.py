@@ -131,7 +131,7 @@ def run(bank, params):
             "train": {
                 "pretrained_model_path": "${base_model}",
                 "num_epochs": "${num_epochs}",
-                "freeze": ["bert"],
+                "freeze": [],
                 "activation_checkpoint": False,
             },
             "automl": {
