@@ -235,6 +235,16 @@ def recipe_commands(stages: Sequence[Dict[str, Any]]) -> list:
     return commands
 
 
+def recipe_text(stages: Sequence[Dict[str, Any]]) -> str:
+    """A card's `recipe`: its stages' build commands chained."""
+    return " && ".join(recipe_commands(stages))
+
+
+def card_stages(card: Dict[str, Any]) -> list:
+    """A card's stages; a card written before stages existed is one stage."""
+    return card.get("stages") or [{"recipe_args": card.get("recipe_args", {}), "train": card.get("train", {})}]
+
+
 def _previous_stages(init: Optional[str]) -> list:
     """The stages of the packed file a build continues from (from its card), after checking it is a base model."""
     if init is None:
@@ -245,7 +255,7 @@ def _previous_stages(init: Optional[str]) -> list:
     if card.get("model") != MODEL:
         raise ValueError(f"--init {init}: its card describes another architecture than this recipe's MODEL; "
                          "continue only from a file this recipe built")
-    return card.get("stages") or [{"recipe_args": card["recipe_args"], "train": card["train"]}]
+    return card_stages(card)
 
 
 def _epoch_drop_step(spec: Dict[str, Any], packer) -> Optional[int]:
@@ -305,7 +315,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
         "name": "grounding_dino_base_shapes",
         "file": "base_model.pth",
         "text_encoder": TEXT_ENCODER,
-        "recipe": " && ".join(recipe_commands(stages)),
+        "recipe": recipe_text(stages),
         "recipe_args": recipe,
         "data": {"generator": "grounding_dino.data.synthetic", "seed": SEED, "colors": list(COLORS),
                  "shapes": list(SHAPES), "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
@@ -353,7 +363,7 @@ def write_card(model_path: str | os.PathLike) -> Dict[str, Any]:
     card.update(val_mAP=metrics["mAP"], val_mAP50=metrics["mAP50"], size_bytes=Path(model_path).stat().st_size,
                 sha256=sha256(model_path))
     if card.get("stages"):
-        card["recipe"] = " && ".join(recipe_commands(card["stages"]))
+        card["recipe"] = recipe_text(card["stages"])
     _write_card(card_path(model_path), card)
     print(f"[base] {card_path(model_path)}: val mAP50 {card['val_mAP50']:.4f}, mAP {card['val_mAP']:.4f}", flush=True)
     return card

@@ -222,7 +222,9 @@ def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float
     """The commands that rebuild a base model from scratch after `card`: every stage in order, each for the number
     of epochs it ran (its time budget was for its own device; epochs are the same work on any), each continuing from
     the one before. A one-stage card's settings can be overridden."""
-    stages = card.get("stages") or [{"recipe_args": card.get("recipe_args", {}), "train": card.get("train", {})}]
+    from grounding_dino.base_model import card_stages
+
+    stages = card_stages(card)
     given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
     overridden = any(v is not None for v in given.values())
     if len(stages) > 1 and overridden:
