@@ -1,16 +1,19 @@
 """The demo's base model: a small Grounding DINO pretrained by this project on synthetic shapes, and its recipe.
 
 Like a TAO user who starts from a pretrained model, the demo fine-tunes this one. It ships as one packed file
-(`assets/base_model.pth`, the text encoder left out: its weights come from the packaged MiniLM) with a JSON card
+(`assets/base_model.pth`, the frozen part of the text encoder left out: its weights come from the packaged MiniLM;
+only the MiniLM layers the recipe trained are stored) with a JSON card
 (`assets/base_model.card.json`: recipe, data seed, steps, time, val mAP/mAP50, sha256). The recipe rebuilds both:
 
     python -m grounding_dino.base_model build --out DIR [--minutes M] [--epochs N] [--batch-size B]
-                                              [--num-train N] [--lr LR] [--device auto|cpu|cuda] [--init FILE]
+                                              [--num-train N] [--lr LR] [--text-layers N] [--device auto|cpu|cuda]
+                                              [--init FILE]
     python -m grounding_dino.base_model card --model DIR/base_model.pth
 
 `build` generates the base data (8 colours x 5 shapes, seed SEED), trains from scratch with `run_training`, stops
 after N epochs or M minutes (whichever comes first), packs the final weights and writes the card without metrics.
-`build --init PREVIOUS/base_model.pth` continues from an earlier build instead of from scratch: the card then lists
+`--text-layers N` trains MiniLM's top N layers too (frozen, it keeps colour words such as "red", "green" and
+"blue" too alike for the detector to tell apart). `build --init PREVIOUS/base_model.pth` continues from an earlier build instead of from scratch: the card then lists
 every stage (device, time, steps, settings) and its `recipe` chains the commands that rebuild the file from scratch.
 `card` regenerates the base val set from the seed in the card, evaluates the packed file through the evaluate
 action and writes val_mAP, val_mAP50, size and sha256 into the card. Hours on a 2-core CPU, minutes on a GPU.
@@ -73,8 +76,23 @@ def generate_data(root: str | os.PathLike, num_train: int, num_val: int = NUM_VA
                     max_objects=MAX_OBJECTS, seed=seed, colors=COLORS, shapes=SHAPES)
 
 
+def text_freeze(text_layers: int) -> list:
+    """train.freeze for a build that trains MiniLM's top `text_layers` layers (0: the whole text encoder frozen)."""
+    from transformers import AutoConfig
+
+    from grounding_dino.model.text import resolve_text_encoder
+
+    total = AutoConfig.from_pretrained(resolve_text_encoder(TEXT_ENCODER)).num_hidden_layers
+    if not 0 <= text_layers <= total:
+        raise ValueError(f"--text-layers {text_layers}: the text encoder has {total} layers; give 0 to {total}")
+    if text_layers == 0:
+        return ["bert"]
+    return ["bert.embeddings"] + [f"bert.encoder.layer.{i}" for i in range(total - text_layers)]
+
+
 def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_size: int, cuda: bool,
-               workers: int, validation_interval: int, decay_by_epoch: bool, lr: float = LR) -> Dict[str, Any]:
+               workers: int, validation_interval: int, decay_by_epoch: bool, lr: float = LR,
+               text_layers: int = 0) -> Dict[str, Any]:
     """The recipe's train spec. On CUDA: bf16. The learning rate drops at LR_DECAY_AT of the epochs, or of the
     time budget when `decay_by_epoch` is false (TimeBudget does it then)."""
     lr_steps = [max(1, int(epochs * LR_DECAY_AT))] if decay_by_epoch else [epochs + 1]
@@ -88,7 +106,7 @@ def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_si
             "batch_size": batch_size, "workers": workers, "augmentation": copy.deepcopy(AUGMENTATION),
         },
         "train": {
-            "num_epochs": epochs, "seed": SEED, "freeze": ["bert"], "activation_checkpoint": False,
+            "num_epochs": epochs, "seed": SEED, "freeze": text_freeze(text_layers), "activation_checkpoint": False,
             "precision": "bf16" if cuda else "fp32", "validation_interval": validation_interval,
             "checkpoint_interval": validation_interval,
             "optim": {"lr": lr, "lr_backbone": lr, "lr_steps": lr_steps},
@@ -111,15 +129,28 @@ def eval_spec(val_image_dir: str, val_json_file: str, checkpoint: Optional[str],
 # ---------------------------------------------------------------------------------------------------------------
 # packing
 
+def trained_text_keys(model) -> set:
+    """The text-encoder tensors of `model` that differ from the packaged MiniLM's (the layers a build trained)."""
+    import torch
+
+    from grounding_dino.model.text import build_bert, resolve_text_encoder
+
+    packaged = build_bert(resolve_text_encoder(TEXT_ENCODER)).state_dict()
+    return {f"bert.{k}" for k, v in packaged.items()
+            if f"bert.{k}" in model.state_dict() and not torch.equal(model.state_dict()[f"bert.{k}"].cpu(), v)}
+
+
 def pack(model, path: str | os.PathLike) -> Path:
-    """Save `model` (a GroundingDINO) as the packed base file: float16 weights without the text encoder's."""
+    """Save `model` (a GroundingDINO) as the packed base file: float16 weights, the text encoder's only where
+    they differ from the packaged MiniLM (the loader takes the rest from it)."""
     import dataclasses
 
     import torch
 
+    text = trained_text_keys(model)
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype, copy=True)
              for k, v in model.state_dict().items()
-             if not k.startswith("bert.") and not k.endswith("num_batches_tracked")}
+             if (not k.startswith("bert.") or k in text) and not k.endswith("num_batches_tracked")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "model_config": dataclasses.asdict(model.cfg), "text_encoder": TEXT_ENCODER,
@@ -215,7 +246,7 @@ def _callbacks(out: Path, seconds: Optional[float]):
     return [Progress(), packer] + ([TimeBudget()] if seconds else []), packer
 
 
-RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "device", "init")
+RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "text_layers", "device", "init")
 
 
 def _stage_command(args: Dict[str, Any], out: str) -> str:
@@ -266,12 +297,13 @@ def _epoch_drop_step(spec: Dict[str, Any], packer) -> Optional[int]:
 
 def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Optional[int] = None,
           batch_size: Optional[int] = None, num_train: int = 6000, device: str = "auto",
-          workers: Optional[int] = None, lr: float = LR, init: Optional[str] = None) -> Path:
+          workers: Optional[int] = None, lr: float = LR, text_layers: int = 0, init: Optional[str] = None) -> Path:
     """Train the base model (from scratch, or from the earlier build `init`) and pack it to `out/base_model.pth`
     with a card (no metrics yet)."""
     if not minutes and not epochs:
         raise ValueError("give --epochs, --minutes or both: the recipe needs to know when to stop")
     previous = _previous_stages(init)
+    text_freeze(text_layers)  # a bad --text-layers stops before the data is written
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
     import torch
@@ -293,7 +325,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     max_epochs = epochs or 100_000
     spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
                       workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes,
-                      lr=lr)
+                      lr=lr, text_layers=text_layers)
     if init:
         spec["train"]["pretrained_model_path"] = str(Path(init).resolve())
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)
@@ -301,7 +333,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     run_training(load_experiment(spec), callbacks=callbacks)
     train_seconds = time.time() - train_start
     recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
-              "device": device}
+              "text_layers": text_layers or None, "device": device}
     train = {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
              "lr_drop_step": packer.lr_drop_step if minutes else _epoch_drop_step(spec, packer),
              "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
@@ -380,6 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--num-train", type=int, default=6000, help="training images (default %(default)s)")
     b.add_argument("--workers", type=int, help="data-loader workers (default 8 on CUDA, 0 on CPU)")
     b.add_argument("--lr", type=float, default=LR, help="learning rate of every group (default %(default)s)")
+    b.add_argument("--text-layers", type=int, default=0,
+                   help="also train the text encoder's top N layers (default %(default)s: frozen)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     b.add_argument("--init", help="continue from this earlier build's base_model.pth instead of from scratch")
     c = commands.add_parser("card", help="evaluate a packed model on the base val set and write its card")
@@ -390,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "build":
             build(args.out, minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
                   num_train=args.num_train, device=args.device, workers=args.workers, lr=args.lr,
-                  init=args.init)
+                  text_layers=args.text_layers, init=args.init)
         else:
             write_card(args.model)
     except (ValueError, FileNotFoundError) as err:

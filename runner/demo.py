@@ -222,7 +222,7 @@ def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float
     """The commands that rebuild a base model from scratch after `card`: every stage in order, each for the number
     of epochs it ran (its time budget was for its own device; epochs are the same work on any), each continuing from
     the one before. A one-stage card's settings can be overridden."""
-    from grounding_dino.base_model import card_stages
+    from grounding_dino.base_model import RECIPE_OPTIONS, card_stages
 
     stages = card_stages(card)
     given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
@@ -238,7 +238,7 @@ def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float
         args.update({k: v for k, v in given.items() if v is not None})
         folder = out / f"stage{number}"
         command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(folder)]
-        command += [x for k in ("minutes", "epochs", "batch_size", "num_train", "lr") if args.get(k) is not None
+        command += [x for k in RECIPE_OPTIONS if k not in ("device", "init") and args.get(k) is not None
                     for x in (f"--{k.replace('_', '-')}", str(args[k]))]
         if previous is not None:
             command += ["--init", str(previous / "base_model.pth")]

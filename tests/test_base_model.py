@@ -57,6 +57,37 @@ def test_packed_file_loads_with_nothing_missing_but_the_declared_text_encoder(pa
             assert torch.equal(state[key], value.half().float()), key
 
 
+def test_packed_file_stores_the_text_layers_a_build_trained_and_loads_them_back(packed, tmp_path):
+    model, _ = packed
+    trained = build_model(base_config())
+    trained.load_state_dict(model.state_dict())
+    key = "bert.encoder.layer.5.output.dense.weight"
+    with torch.no_grad():
+        trained.state_dict()[key].add_(0.01)
+    path = base_model.pack(trained, tmp_path / "base_model.pth")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    assert [k for k in saved if k.startswith("bert.")] == [key]
+    fresh = build_model(base_config())
+    untouched = "bert.encoder.layer.4.output.dense.weight"
+    before = fresh.state_dict()[untouched].clone()
+    assert load_weights(fresh, path).ok
+    assert torch.equal(fresh.state_dict()[key], trained.state_dict()[key].half().float())
+    assert torch.equal(fresh.state_dict()[untouched], before)
+
+
+def test_text_layers_freeze_all_but_the_top_ones():
+    assert base_model.text_freeze(0) == ["bert"]
+    model = build_model(base_config())
+    from grounding_dino.lightning_module import freeze
+
+    frozen = set(freeze(model, base_model.text_freeze(2)))
+    bert = [n for n, _ in model.named_parameters() if n.startswith("bert.")]
+    trainable = {n.split(".")[3] for n in bert if n not in frozen}
+    assert trainable == {"4", "5"} and all(n.startswith("bert.encoder.layer.") for n in bert if n not in frozen)
+    with pytest.raises(ValueError, match="--text-layers 7: the text encoder has 6 layers"):
+        base_model.text_freeze(7)
+
+
 def test_packed_file_refuses_another_text_encoder(packed, tmp_path):
     _, path = packed
     other = build_model(base_config(text_encoder_type=write_small_text_encoder(tmp_path / "bert")))
@@ -105,7 +136,7 @@ TWO_STAGES = [
                      "device": "cuda"},
      "train": {"epochs": 6, "steps": 1128, "seconds": 251.0}},
     {"recipe_args": {"minutes": 90, "epochs": None, "batch_size": 4, "num_train": 3000, "lr": 2e-4,
-                     "device": "cpu"},
+                     "text_layers": 2, "device": "cpu"},
      "train": {"epochs": 4, "steps": 3000, "seconds": 5400.0, "init_sha256": "ab" * 32}},
 ]
 
@@ -114,7 +145,8 @@ def test_recipe_chains_the_stages_from_scratch():
     first, second = base_model.recipe_commands(TWO_STAGES)
     assert first == ("python -m grounding_dino.base_model build --out stage1 --minutes 4.5 --batch-size 32 "
                      "--num-train 6000 --lr 0.0005 --device cuda")
-    assert second.endswith("--device cpu --init stage1/base_model.pth") and "--out stage2" in second
+    assert second.endswith("--lr 0.0002 --text-layers 2 --device cpu --init stage1/base_model.pth")
+    assert "--out stage2" in second
 
 
 def test_demo_rebuild_replays_each_stage_by_the_epochs_it_ran(tmp_path):
@@ -122,6 +154,7 @@ def test_demo_rebuild_replays_each_stage_by_the_epochs_it_ran(tmp_path):
 
     commands = base_build_commands({"stages": TWO_STAGES}, tmp_path)
     assert [c[c.index("--epochs") + 1] for c in commands] == ["6", "4"]
+    assert "--text-layers" not in commands[0] and commands[1][commands[1].index("--text-layers") + 1] == "2"
     assert not any("--minutes" in c or "--device" in c for c in commands)  # the same work on whatever device
     assert commands[1][-2:] == ["--init", str(tmp_path / "stage1" / "base_model.pth")]
     with pytest.raises(ValueError, match="several stages"):
