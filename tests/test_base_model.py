@@ -174,9 +174,6 @@ def test_build_refuses_to_continue_from_a_missing_or_foreign_file(packed, tmp_pa
     assert not (tmp_path / "out").exists()  # refused before any data or training
 
 
-# Known gap (issue 5): the shipped model (4.2 min of H200, then 112 min of CPU) reaches 0.657. strict=True turns this
-# into a failure the day a better model ships, so the marker cannot outlive the gap.
-@pytest.mark.xfail(strict=True, reason="shipped base model is below the 0.7 val mAP50 target (issue 5 open)")
 def test_shipped_base_model_reaches_its_target():
     assert base_model.read_card(base_model.BASE_MODEL)["val_mAP50"] >= 0.7
 
