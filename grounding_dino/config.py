@@ -489,6 +489,11 @@ class AutoMLConfig:
     automl_hyperparameters: List[str] = param(
         [], "Dotted keys to search; empty = the train schema's automl_default_parameters."
     )
+    ranges: Dict[str, List[float]] = param(
+        {}, "Search ranges [min, max] of searched numeric keys, replacing the schema's x-automl range, e.g. "
+            "{train.optim.lr_backbone: [1.0e-5, 3.0e-4]} (fine-tuning a pretrained model often wants other ranges "
+            "than training from scratch)."
+    )
     seed: Optional[int] = param(None, "Sampler seed; default train.seed.")
     spec_values_first: bool = param(
         True, "Run the spec's own values of the searched keys as the study's first trial: the baseline the search "

@@ -217,3 +217,30 @@ def test_spec_point_leaves_values_outside_the_space_to_the_sampler():
     spec["s"].update(range=2.0, multiple=390, power=48, weighted="z", child=384)  # child is not > multiple (384)
     space = build_search_space(spec, _schema())
     assert set(space.spec_point(spec)) == {"s.log_range", "s.ordered", "s.flag"}
+
+
+def test_automl_ranges_replace_the_schema_range_and_are_checked():
+    spec = default_spec()
+    spec["automl"].update(automl_hyperparameters=["train.optim.lr", "train.optim.lr_backbone"],
+                          ranges={"train.optim.lr_backbone": [1e-5, 3e-4]})
+    space = build_search_space(spec, load_train_schema())
+    draws, _ = _draw(space, n=SAMPLES)
+    backbone = [d["train.optim.lr_backbone"] for d in draws]
+    assert 1e-5 <= min(backbone) and max(backbone) <= 3e-4 and max(backbone) > 1e-4  # beyond the schema's 1e-4
+    assert all(1e-5 <= d["train.optim.lr"] <= 1e-3 for d in draws)  # the other key keeps the schema's range
+    assert "1e-05" in space.params[1].describe() and "0.0003" in space.params[1].describe()
+    spec["train"]["optim"]["lr_backbone"] = 2e-4
+    assert space.spec_point(spec)["train.optim.lr_backbone"] == 2e-4  # inside the given range: trial 0 runs it
+
+    def error(ranges):
+        spec["automl"]["ranges"] = ranges
+        with pytest.raises(SpecError) as err:
+            build_search_space(spec, load_train_schema())
+        return str(err.value)
+
+    assert "not searched" in error({"train.optim.momentum": [0.8, 0.9]})
+    assert "min < max" in error({"train.optim.lr": [1e-3, 1e-4]})
+    assert "min < max" in error({"train.optim.lr": [1e-4]})
+    assert "must be > 0" in error({"train.optim.lr": [-1.0, 1e-3]})
+    spec["automl"]["automl_hyperparameters"] = ["train.optim.optimizer"]
+    assert "only numeric keys take a range" in error({"train.optim.optimizer": [0, 1]})

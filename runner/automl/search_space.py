@@ -30,6 +30,7 @@ from sdk.errors import SpecError
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "grounding_dino" / "train.schema.json"
 _REQUEST_KEY = "automl.automl_hyperparameters"
+_RANGES_KEY = "automl.ranges"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,7 +380,16 @@ def build_search_space(
         if not keys:
             raise SpecError.single(_REQUEST_KEY, [], "the train schema enables no AutoML parameter for this spec; "
                                                      "list the keys to search in automl.automl_hyperparameters")
-    params = _parents_first([_param(schema, spec, key, explicit, index) for index, key in enumerate(keys)])
+    try:
+        ranges = dict(get_path(spec, _RANGES_KEY) or {})
+    except KeyError:  # a partial spec (as in tests of the space alone)
+        ranges = {}
+    for key in ranges:
+        if key not in keys:
+            raise SpecError.single(f"{_RANGES_KEY}.{key}", ranges[key],
+                                   f"{key} is not searched; add it to {_REQUEST_KEY} or drop its range")
+    params = _parents_first([_param(schema, spec, key, explicit, index, ranges.get(key))
+                             for index, key in enumerate(keys)])
     fixed = {}
     for param in params:
         if param.bound and param.bound.parent not in keys:
@@ -399,7 +409,8 @@ def _node_or_empty(schema: Mapping[str, Any], key: str) -> Dict[str, Any]:
         return {}
 
 
-def _param(schema: Mapping[str, Any], spec: Mapping[str, Any], key: str, explicit: bool, index: int) -> Param:
+def _param(schema: Mapping[str, Any], spec: Mapping[str, Any], key: str, explicit: bool, index: int,
+           given_range: Optional[Sequence[float]] = None) -> Param:
     where = f"{_REQUEST_KEY}[{index}]" if explicit else f"train schema automl_default_parameters: {key}"
     try:
         node = schema_node(schema, key)
@@ -412,6 +423,9 @@ def _param(schema: Mapping[str, Any], spec: Mapping[str, Any], key: str, explici
     options = meta.get("valid_options") or node.get("enum")
     if kind == "boolean" and not options:
         options = [False, True]
+    if given_range is not None and (options or kind not in ("number", "integer")):
+        raise SpecError.single(f"{_RANGES_KEY}.{key}", list(given_range),
+                               "only numeric keys take a range; a key with options is searched over its options")
     if options:
         weights = meta.get("option_weights")
         if weights is not None and (len(weights) != len(options) or min(weights) < 0 or sum(weights) <= 0):
@@ -421,7 +435,10 @@ def _param(schema: Mapping[str, Any], spec: Mapping[str, Any], key: str, explici
     if kind not in ("number", "integer"):
         raise SpecError.single(where, key, f"a {kind} key without options cannot be searched; choose numeric, "
                                            "boolean or enumerated keys")
-    low, high = _range(node, meta, value, key, where)
+    if given_range is None:
+        low, high = _range(node, meta, value, key, where)
+    else:
+        low, high = _given_range(node, key, given_range)
     cond = (meta.get("math_cond") or "").strip()
     bound = None
     step = None
@@ -464,6 +481,23 @@ def _range(node: Mapping[str, Any], meta: Mapping[str, Any], value: Any, key: st
         raise SpecError.single(where, key, f"no search range: bounds [{low}, {high}] with spec value {value!r}; "
                                            "give x-automl valid_min < valid_max")
     return float(low), float(high)
+
+
+def _given_range(node: Mapping[str, Any], key: str, given: Sequence[float]) -> Tuple[float, float]:
+    """automl.ranges[key], checked against the key's hard limits in the schema."""
+    where = f"{_RANGES_KEY}.{key}"
+    if (len(given) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given)
+            or not given[0] < given[1]):
+        raise SpecError.single(where, list(given), "give [min, max] with min < max")
+    low, high = float(given[0]), float(given[1])
+    floor = _first(node.get("minimum"), node.get("exclusiveMinimum"))
+    if floor is not None and (low < floor or (low == floor and "exclusiveMinimum" in node)):
+        raise SpecError.single(where, list(given), f"{key} must be {'>' if 'exclusiveMinimum' in node else '>='} "
+                                                   f"{floor:g}; raise the minimum")
+    ceiling = node.get("maximum")
+    if ceiling is not None and high > ceiling:
+        raise SpecError.single(where, list(given), f"{key} must be <= {ceiling:g}; lower the maximum")
+    return low, high
 
 
 def _first(*values: Any) -> Any:
