@@ -133,11 +133,13 @@ def run(bank, params):
                 "num_epochs": "${num_epochs}",
                 "freeze": [],
                 "activation_checkpoint": False,
+                "optim": {"lr": 8e-05, "lr_backbone": 6e-05},
             },
             "automl": {
                 "algorithm": "tpe",
                 "max_trials": "${max_trials}",
                 "automl_hyperparameters": ["train.optim.lr", "train.optim.lr_backbone"],
+                "ranges": {"train.optim.lr": [3e-05, 0.0003], "train.optim.lr_backbone": [1e-05, 0.0002]},
                 "seed": 0,
             },
         },
