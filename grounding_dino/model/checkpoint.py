@@ -268,7 +268,7 @@ def load_weights(model: nn.Module, source: Union[str, Path, dict], *, strict: bo
     sd = {k: v for k, v in sd.items() if k not in report.ignored}
     _fill_shared(sd, own)
     report.unexpected = sorted(set(sd) - set(own))
-    # A packed file declares that its text encoder's weights are the packaged ones the model was built with.
+    # A packed file declares that the text-encoder weights it lacks are those the model was built with.
     report.missing = sorted(k for k in set(own) - set(sd) if not UNUSED.search(k)
                             and not (external and k.startswith("bert.")))
     usable = {}
@@ -286,14 +286,14 @@ def load_weights(model: nn.Module, source: Union[str, Path, dict], *, strict: bo
 
 
 def _external_text_encoder(outer: dict, model: nn.Module, where: str) -> bool:
-    """True when the file declares (key 'text_encoder') that it leaves out the text encoder's weights; the model
-    must then use that same encoder, whose weights it loaded when it was built."""
+    """True when the file declares (key 'text_encoder') that it leaves out the text encoder's weights, all of them
+    or the frozen part; the model must then use that same encoder, whose weights it loaded when it was built."""
     declared = outer.get("text_encoder")
     if declared is None:
         return False
     if declared != model.cfg.text_encoder_type:
-        raise ValueError(f"{where} holds no text-encoder weights: it was trained with the text encoder "
-                         f"{declared!r}, but model.text_encoder_type is {model.cfg.text_encoder_type!r}; set "
+        raise ValueError(f"{where} takes its text-encoder weights from {declared!r} (it stores at most the "
+                         f"layers it trained), but model.text_encoder_type is {model.cfg.text_encoder_type!r}; set "
                          f"model.text_encoder_type: {declared}")
     return True
 
