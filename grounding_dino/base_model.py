@@ -13,8 +13,9 @@ only the MiniLM layers the recipe trained are stored) with a JSON card
 `build` generates the base data (8 colours x 5 shapes, seed SEED), trains from scratch with `run_training`, stops
 after N epochs or M minutes (whichever comes first), packs the final weights and writes the card without metrics.
 `--text-layers N` trains MiniLM's top N layers too (frozen, it keeps colour words such as "red", "green" and
-"blue" too alike for the detector to tell apart). `build --init PREVIOUS/base_model.pth` continues from an earlier build instead of from scratch: the card then lists
-every stage (device, time, steps, settings) and its `recipe` chains the commands that rebuild the file from scratch.
+"blue" too alike for the detector to tell apart). `build --init PREVIOUS/base_model.pth` continues from an earlier
+build instead of from scratch: the card then lists every stage (device, time, steps, settings) and its `recipe`
+chains the commands that rebuild the file from scratch.
 `card` regenerates the base val set from the seed in the card, evaluates the packed file through the evaluate
 action and writes val_mAP, val_mAP50, size and sha256 into the card. Hours on a 2-core CPU, minutes on a GPU.
 """
@@ -92,9 +93,9 @@ def text_freeze(text_layers: int) -> list:
 
 def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_size: int, cuda: bool,
                workers: int, validation_interval: int, decay_by_epoch: bool, lr: float = LR,
-               text_layers: int = 0) -> Dict[str, Any]:
+               freeze: Sequence[str] = ("bert",)) -> Dict[str, Any]:
     """The recipe's train spec. On CUDA: bf16. The learning rate drops at LR_DECAY_AT of the epochs, or of the
-    time budget when `decay_by_epoch` is false (TimeBudget does it then)."""
+    time budget when `decay_by_epoch` is false (TimeBudget does it then). freeze: see `text_freeze`."""
     lr_steps = [max(1, int(epochs * LR_DECAY_AT))] if decay_by_epoch else [epochs + 1]
     return {
         "results_dir": results_dir,
@@ -106,7 +107,7 @@ def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_si
             "batch_size": batch_size, "workers": workers, "augmentation": copy.deepcopy(AUGMENTATION),
         },
         "train": {
-            "num_epochs": epochs, "seed": SEED, "freeze": text_freeze(text_layers), "activation_checkpoint": False,
+            "num_epochs": epochs, "seed": SEED, "freeze": list(freeze), "activation_checkpoint": False,
             "precision": "bf16" if cuda else "fp32", "validation_interval": validation_interval,
             "checkpoint_interval": validation_interval,
             "optim": {"lr": lr, "lr_backbone": lr, "lr_steps": lr_steps},
@@ -129,15 +130,16 @@ def eval_spec(val_image_dir: str, val_json_file: str, checkpoint: Optional[str],
 # ---------------------------------------------------------------------------------------------------------------
 # packing
 
-def trained_text_keys(model) -> set:
-    """The text-encoder tensors of `model` that differ from the packaged MiniLM's (the layers a build trained)."""
+def trained_text_keys(state: Dict[str, Any]) -> set:
+    """The text-encoder keys of a GroundingDINO state dict whose tensors differ from the packaged MiniLM's (the
+    layers a build trained)."""
     import torch
 
     from grounding_dino.model.text import build_bert, resolve_text_encoder
 
     packaged = build_bert(resolve_text_encoder(TEXT_ENCODER)).state_dict()
     return {f"bert.{k}" for k, v in packaged.items()
-            if f"bert.{k}" in model.state_dict() and not torch.equal(model.state_dict()[f"bert.{k}"].cpu(), v)}
+            if f"bert.{k}" in state and not torch.equal(state[f"bert.{k}"].cpu(), v)}
 
 
 def pack(model, path: str | os.PathLike) -> Path:
@@ -147,9 +149,10 @@ def pack(model, path: str | os.PathLike) -> Path:
 
     import torch
 
-    text = trained_text_keys(model)
+    own = model.state_dict()
+    text = trained_text_keys(own)
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype, copy=True)
-             for k, v in model.state_dict().items()
+             for k, v in own.items()
              if (not k.startswith("bert.") or k in text) and not k.endswith("num_batches_tracked")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +306,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     if not minutes and not epochs:
         raise ValueError("give --epochs, --minutes or both: the recipe needs to know when to stop")
     previous = _previous_stages(init)
-    text_freeze(text_layers)  # a bad --text-layers stops before the data is written
+    freeze = text_freeze(text_layers)  # before anything is written: a bad --text-layers stops here
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
     import torch
@@ -325,7 +328,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     max_epochs = epochs or 100_000
     spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
                       workers=workers, validation_interval=max(1, (epochs or 5) // 5), decay_by_epoch=not minutes,
-                      lr=lr, text_layers=text_layers)
+                      lr=lr, freeze=freeze)
     if init:
         spec["train"]["pretrained_model_path"] = str(Path(init).resolve())
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)

@@ -44,7 +44,7 @@ def _schema(leaves=FORMS, enabled=None, disabled=()):
 
 
 def _spec(leaves=FORMS):
-    return {"s": {k: v["default"] for k, v in leaves.items()}, "automl": {"automl_hyperparameters": []}}
+    return {"s": {k: v["default"] for k, v in leaves.items()}, "automl": {"automl_hyperparameters": [], "ranges": {}}}
 
 
 def _draw(space, n=SAMPLES, seed=0):

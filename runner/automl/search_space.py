@@ -380,10 +380,7 @@ def build_search_space(
         if not keys:
             raise SpecError.single(_REQUEST_KEY, [], "the train schema enables no AutoML parameter for this spec; "
                                                      "list the keys to search in automl.automl_hyperparameters")
-    try:
-        ranges = dict(get_path(spec, _RANGES_KEY) or {})
-    except KeyError:  # a partial spec (as in tests of the space alone)
-        ranges = {}
+    ranges = dict(get_path(spec, _RANGES_KEY) or {})
     for key in ranges:
         if key not in keys:
             raise SpecError.single(f"{_RANGES_KEY}.{key}", ranges[key],
