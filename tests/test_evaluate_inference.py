@@ -319,6 +319,43 @@ def test_backend_registry_by_extension(tiny_train_spec, tmp_path):
         predictor.register_backend("x", "no_colon")
 
 
+def _order_sensitive_images(predictor, cfg, size) -> set:
+    """Inference image indices whose PyTorch detections change when the input moves by 1e-5.
+
+    The decoder's content queries are indexed by rank (model.embed_init_tgt), so two encoder proposals whose scores
+    differ by about 1e-6, common in a model trained two steps, trade content queries and their detections when the
+    rounding changes, between two backends just as between two PyTorch runs. Such images cannot be compared."""
+    import functools
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from grounding_dino.data.captions import normalize_name
+    from grounding_dino.data.loader import collate_fn
+    from grounding_dino.data.transforms import build_transforms
+    from grounding_dino.inference import ImageList, list_images
+    from grounding_dino.predictor import split_prompt
+
+    sources = cfg.dataset.infer_data_sources
+    images = list_images(sources.image_dir, cfg.inference.is_internal)
+    dataset = ImageList([path for path, _ in images], build_transforms(cfg.dataset.augmentation, False, size))
+    chunks = split_prompt([normalize_name(c) for c in sources.captions], predictor.tokenizer)
+    sensitive = set()
+    for batch, pixel_mask, targets in DataLoader(dataset, batch_size=4,
+                                                 collate_fn=functools.partial(collate_fn, pad_size=None)):
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        clean = predictor.detect(batch, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
+        for seed in (1, 2):
+            noise = torch.randn(batch.shape, generator=torch.Generator().manual_seed(seed)) * 1e-5
+            noisy = predictor.detect(batch + noise, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
+            for target, a, b in zip(targets, clean, noisy):
+                same = torch.allclose(a["scores"], b["scores"], atol=1e-4) and torch.allclose(a["boxes"], b["boxes"],
+                                                                                             atol=1e-2)
+                if not same:
+                    sensitive.add(target["index"])
+    return sensitive
+
+
 @pytest.mark.slow
 def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
     """The same checkpoint exported to ONNX: evaluate and inference on ONNX Runtime match the PyTorch path run at
@@ -367,9 +404,12 @@ def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
     (torch_metrics, torch_detections), (onnx_metrics, onnx_detections) = outputs["torch"], outputs["onnx"]
     assert onnx_metrics == pytest.approx(torch_metrics, abs=1e-6)
     assert len(onnx_detections) == len(torch_detections) == 8 * 20
-    # Each PyTorch detection has an ONNX twin (near-equal scores may be listed in another order).
-    unmatched = list(onnx_detections)
-    for a in torch_detections:
+    # Each PyTorch detection has an ONNX twin (near-equal scores may be listed in another order), on every image
+    # where PyTorch agrees with itself under rounding-level noise (see _order_sensitive_images).
+    sensitive = _order_sensitive_images(torch_model, config(spec), (width, height))
+    assert len(sensitive) <= 4, f"images {sorted(sensitive)} of 8 are order-sensitive: too few left to compare"
+    unmatched = [b for b in onnx_detections if b["image_id"] not in sensitive]
+    for a in (a for a in torch_detections if a["image_id"] not in sensitive):
         twin = min((b for b in unmatched if (b["image_id"], b["category_id"]) == (a["image_id"], a["category_id"])),
                    key=lambda b: max(abs(u - v) for u, v in zip(a["bbox"], b["bbox"])))
         assert twin["bbox"] == pytest.approx(a["bbox"], abs=1e-2) and twin["score"] == pytest.approx(a["score"],

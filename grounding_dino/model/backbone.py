@@ -94,17 +94,28 @@ class Backbone(nn.Module):
                 self.add_module(f"norm{stage}", nn.LayerNorm(channels))
         if freeze_norm:
             freeze_batch_norm(self.body)
+        self.channels_last = False
         if not train_backbone:
             self.requires_grad_(False)
 
     def forward(self, images: Tensor, mask: Tensor) -> List[Tuple[Tensor, Tensor]]:
         out = []
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         for stage, feature in zip(self.stages, self.body(images)):
             if self.spec.swin:
                 feature = getattr(self, f"norm{stage}")(feature).permute(0, 3, 1, 2)
             level_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:])[0].bool()
             out.append((feature, level_mask))
         return out
+
+    def use_channels_last(self) -> None:
+        """Run the convolutions channels-last, which training does: faster on CPU (oneDNN) and GPU (tensor cores),
+        and the transformer then flattens the maps to tokens without a copy. Evaluation and export keep the default
+        layout, whose results match ONNX Runtime's most closely. Swin is channels-last by construction."""
+        if not self.spec.swin:
+            self.body.to(memory_format=torch.channels_last)
+            self.channels_last = True
 
     def load_pretrained(self, path: str) -> None:
         """Backbone-only weights (official Swin / timm / torchvision names, optionally under 'model' or 'state_dict')."""

@@ -1,6 +1,7 @@
 """Image<->text bi-directional attention of the feature enhancer (GLIP's BiAttentionBlock)."""
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .utils import drop_path
 
@@ -39,13 +40,15 @@ class BiMultiHeadAttention(nn.Module):
 
     def forward(self, v: Tensor, l: Tensor, mask_v: Tensor = None, mask_l: Tensor = None):
         """v [B,N,Cv] image tokens, l [B,T,Cl] text tokens; masks True on padding. Returns (delta_v, delta_l)."""
-        query = self._heads(self.v_proj(v) * self.scale)
+        # The scale goes into the projection's weights (a few thousand numbers), not over every image token.
+        query = self._heads(F.linear(v, self.v_proj.weight * self.scale, self.v_proj.bias * self.scale))
         key = self._heads(self.l_proj(l))
         value_v = self._heads(self.values_v_proj(v))
         value_l = self._heads(self.values_l_proj(l))
         logits = (query @ key.transpose(-1, -2)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)  # [B,h,N,T]
+        # The official model also subtracts the row maximum and clamps again before this softmax; softmax does the
+        # former itself, and the clamp only moves values whose exponent is 0 in every float type, so both are left out.
         logits_t = logits.transpose(-1, -2)
-        logits_t = (logits_t - logits_t.max(-1, keepdim=True)[0]).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
         if mask_v is not None:
             logits_t = logits_t.masked_fill(mask_v[:, None, None, :], float("-inf"))
         if mask_l is not None:

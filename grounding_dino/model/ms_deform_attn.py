@@ -7,22 +7,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    """value [B,S,nH,d]; locations [B,Q,nH,nL,nP,2] in 0..1; weights [B,Q,nH,nL,nP] -> [B,Q,nH*d]."""
+def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], grids: Tensor, weights: Tensor) -> Tensor:
+    """value [B,S,nH,d]; grids [B*nH,nL,nP,Q,2] in -1..1; weights [B*nH,nL,1,nP,Q] -> [B,Q,nH*d].
+
+    Points before queries: grid_sample vectorises along its output's last axis, so queries there fill the vector
+    lanes, and the weighting then broadcasts over long contiguous rows instead of rows of n_points.
+    """
     batch, _, heads, dim = value.shape
-    _, queries, _, levels, points, _ = locations.shape
-    grids = 2 * locations - 1
-    # Level-major, so each level's weights are one contiguous block: a broadcast multiply by a strided view is
-    # several times slower on CPU.
-    weights = weights.permute(0, 2, 3, 1, 4).reshape(batch * heads, levels, 1, queries, points)
+    queries = grids.shape[3]
     out = 0
     # Weighting each level as it is sampled avoids stacking every level's samples into one large copy.
     for level, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
         h, w = shapes[level]
         value_l = value_l.flatten(2).transpose(1, 2).reshape(batch * heads, dim, h, w)
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [B*nH, Q, nP, 2]
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        out = out + (sampled * weights[:, level]).sum(-1)
+        sampled = F.grid_sample(value_l, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = out + (sampled * weights[:, level]).sum(2)
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
@@ -61,17 +60,26 @@ class MSDeformAttn(nn.Module):
                 padding_mask: Tensor = None) -> Tensor:
         """query [B,Q,C] (position already added); reference_points [B,Q,nL,2|4]; value [B,S,C]; mask True = pad."""
         batch, queries, _ = query.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(value)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(batch, value.shape[1], self.n_heads, -1)
-        offsets = self.sampling_offsets(query).view(batch, queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(batch, queries, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(batch, queries, self.n_heads, self.n_levels, self.n_points)
+        value = value.view(batch, value.shape[1], heads, -1)
+        # grid_sample wants 2 * location - 1. The per-level (or per-point) scale of the offsets goes into the linear
+        # layer's weights, a few hundred numbers, instead of into a slow broadcast over every sampling point.
         if reference_points.shape[-1] == 2:
-            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            scale = (2.0 / size)[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
         else:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, locations, weights))
+            scale = torch.full((1,), 1.0 / points, dtype=query.dtype, device=query.device)
+        offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None], self.sampling_offsets.bias * scale)
+        offsets = offsets.view(batch, queries, heads, levels, points, 2).permute(0, 2, 3, 4, 1, 5)
+        reference = reference_points.permute(0, 2, 1, 3)[:, None, :, None]  # [B,1,nL,1,Q,2|4]
+        if reference_points.shape[-1] == 2:
+            grids = offsets + (2 * reference - 1)
+        else:
+            grids = offsets * reference[..., 2:] + (2 * reference[..., :2] - 1)
+        grids = grids.reshape(batch * heads, levels, points, queries, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
+        weights = weights.permute(0, 2, 3, 1).reshape(batch * heads, levels, 1, points, queries)
+        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, grids, weights))

@@ -98,13 +98,15 @@ class Transformer(nn.Module):
             object_memory, proposals = encoder_output_proposals(memory, mask_flat, spatial_shapes)
             object_memory = self.enc_output_norm(self.enc_output(object_memory))
             scores = self.enc_out_class_embed(object_memory, text, text_valid).max(-1)[0]
-            coords = self.enc_out_bbox_embed(object_memory) + proposals
             if scores.shape[1] < self.num_queries:
                 raise ValueError(f"model.num_queries {self.num_queries} exceeds the {scores.shape[1]} image tokens of "
                                  f"this input; use larger images or fewer queries.")
             topk = _top_indices(scores, self.num_queries)
-            selected_coords = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
             selected_memory = torch.gather(object_memory, 1, topk[..., None].expand(-1, -1, object_memory.shape[-1]))
+            # Only the selected tokens' boxes are ever used, so the box head runs on those alone (the official model
+            # runs it on every image token first; the result is the same).
+            selected_proposals = torch.gather(proposals, 1, topk[..., None].expand(-1, -1, 4))
+            selected_coords = self.enc_out_bbox_embed(selected_memory) + selected_proposals
             reference = selected_coords.detach().sigmoid()
             tgt = (self.tgt_embed.weight[None].expand(batch, -1, -1) if self.tgt_embed is not None
                    else selected_memory.detach())
