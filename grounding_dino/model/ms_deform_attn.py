@@ -1,4 +1,5 @@
 """Multi-scale deformable attention (Deformable DETR) in plain PyTorch: bilinear grid_sample, CPU or GPU, exportable."""
+import functools
 import math
 from typing import List, Tuple
 
@@ -23,6 +24,15 @@ def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], grids: Ten
         sampled = F.grid_sample(value_l, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False)
         out = out + (sampled * weights[:, level]).sum(2)
     return out.view(batch, heads * dim, queries).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_scale(shapes: Tuple[Tuple[int, int], ...], heads: int, points: int, dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """2 / (width, height) of each level for every sampling-offset output. Cached: building it from Python numbers
+    copies host to device, which on a GPU waits for all queued work."""
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=dtype)
+    return (2.0 / size)[None, :, None, :].expand(heads, len(shapes), points, 2).reshape(-1).to(device)
 
 
 class MSDeformAttn(nn.Module):
@@ -68,8 +78,7 @@ class MSDeformAttn(nn.Module):
         # grid_sample wants 2 * location - 1. The per-level (or per-point) scale of the offsets goes into the linear
         # layer's weights, a few hundred numbers, instead of into a slow broadcast over every sampling point.
         if reference_points.shape[-1] == 2:
-            size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
-            scale = (2.0 / size)[None, :, None, :].expand(heads, levels, points, 2).reshape(-1)
+            scale = _level_scale(tuple(spatial_shapes), heads, points, query.dtype, query.device)
         else:
             scale = torch.full((1,), 1.0 / points, dtype=query.dtype, device=query.device)
         offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None], self.sampling_offsets.bias * scale)
