@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import ms_deform_attn_cpu
+
 
 def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], grids: Tensor, weights: Tensor) -> Tensor:
     """value [B,S,nH,d]; grids [B*nH,nL,nP,Q,2] in -1..1; weights [B*nH,nL,1,nP,Q] -> [B,Q,nH*d].
@@ -82,13 +84,18 @@ class MSDeformAttn(nn.Module):
         else:
             scale = torch.full((1,), 1.0 / points, dtype=query.dtype, device=query.device)
         offsets = F.linear(query, self.sampling_offsets.weight * scale[:, None], self.sampling_offsets.bias * scale)
-        offsets = offsets.view(batch, queries, heads, levels, points, 2).permute(0, 2, 3, 4, 1, 5)
+        offsets = offsets.view(batch, queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
+        if ms_deform_attn_cpu.usable(value, offsets, weights, reference_points):
+            weights = weights.view(batch, queries, heads, levels, points)
+            out = ms_deform_attn_cpu.ms_deform_attn_cpu(value, spatial_shapes, offsets, weights, reference_points)
+            return self.output_proj(out)
+        offsets = offsets.permute(0, 2, 3, 4, 1, 5)
         reference = reference_points.permute(0, 2, 1, 3)[:, None, :, None]  # [B,1,nL,1,Q,2|4]
         if reference_points.shape[-1] == 2:
             grids = offsets + (2 * reference - 1)
         else:
             grids = offsets * reference[..., 2:] + (2 * reference[..., :2] - 1)
         grids = grids.reshape(batch * heads, levels, points, queries, 2)
-        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
         weights = weights.permute(0, 2, 3, 1).reshape(batch * heads, levels, 1, points, queries)
         return self.output_proj(ms_deform_attn_core(value, spatial_shapes, grids, weights))

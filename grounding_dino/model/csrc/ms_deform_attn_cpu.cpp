@@ -1,0 +1,171 @@
+// Multi-scale deformable attention on CPU, forward and backward, float32. Each sampling point is located, sampled
+// (bilinear, zero padding, align_corners=False), weighted and summed in one pass, where the plain PyTorch path
+// materialises every sampled value first. Inputs keep the layout the linear layers produce:
+//   value     [B, S, H, D]        S = sum of h_l * w_l over levels, level-major
+//   offsets   [B, Q, H, L, P, 2]  sampling offsets in grid units (-1..1 spans a level)
+//   weights   [B, Q, H, L, P]     attention weights
+//   reference [B, Q, L, 2 or 4]   reference points (x, y[, w, h]) in 0..1, no gradient
+//   shapes    [L, 2]              (h_l, w_l), int64
+// Grid location = (2 * xy - 1) + offset, times (w, h) for 4-value references. Output: [B, Q, H * D].
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Sizes {
+  int64_t B, S, H, D, Q, L, P, R;
+};
+
+Sizes check(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& weights,
+            const at::Tensor& reference, const at::Tensor& shapes) {
+  for (const auto* t : {&value, &offsets, &weights, &reference}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "ms_deform_attn_cpu: float32 contiguous CPU tensors only");
+  }
+  TORCH_CHECK(value.dim() == 4 && offsets.dim() == 6 && weights.dim() == 5 && reference.dim() == 4,
+              "ms_deform_attn_cpu: unexpected ranks");
+  TORCH_CHECK(shapes.scalar_type() == at::kLong && shapes.is_contiguous() && shapes.size(0) == offsets.size(3),
+              "ms_deform_attn_cpu: shapes must be int64 [L, 2]");
+  const int64_t R = reference.size(3);
+  TORCH_CHECK(R == 2 || R == 4, "ms_deform_attn_cpu: reference points have 2 or 4 values");
+  return Sizes{value.size(0), value.size(1), value.size(2), value.size(3),
+               offsets.size(1), offsets.size(3), offsets.size(4), R};
+}
+
+std::vector<int64_t> level_starts(const int64_t* hw, int64_t L) {
+  std::vector<int64_t> start(L, 0);
+  for (int64_t l = 1; l < L; ++l) start[l] = start[l - 1] + hw[2 * (l - 1)] * hw[2 * (l - 1) + 1];
+  return start;
+}
+
+// One sampling point: its four neighbouring pixels, their bilinear weights and the weights' derivatives with
+// respect to the grid location.
+struct Point {
+  int64_t x[4], y[4];
+  bool valid[4];
+  float w[4], dw_dgx[4], dw_dgy[4];
+};
+
+inline Point locate(float gx, float gy, int64_t height, int64_t width) {
+  const float x = ((gx + 1.f) * width - 1.f) * 0.5f;
+  const float y = ((gy + 1.f) * height - 1.f) * 0.5f;
+  const float x_floor = std::floor(x), y_floor = std::floor(y);
+  const int64_t x0 = static_cast<int64_t>(x_floor), y0 = static_cast<int64_t>(y_floor);
+  const float fx = x - x_floor, fy = y - y_floor;
+  const float hx = 0.5f * width, hy = 0.5f * height;  // d pixel / d grid
+  Point p{{x0, x0 + 1, x0, x0 + 1},
+          {y0, y0, y0 + 1, y0 + 1},
+          {},
+          {(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy},
+          {-(1 - fy) * hx, (1 - fy) * hx, -fy * hx, fy * hx},
+          {-(1 - fx) * hy, -fx * hy, (1 - fx) * hy, fx * hy}};
+  for (int k = 0; k < 4; ++k) p.valid[k] = p.x[k] >= 0 && p.x[k] < width && p.y[k] >= 0 && p.y[k] < height;
+  return p;
+}
+
+}  // namespace
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& weights,
+                   const at::Tensor& reference, const at::Tensor& shapes) {
+  const Sizes n = check(value, offsets, weights, reference, shapes);
+  auto out = at::zeros({n.B, n.Q, n.H * n.D}, value.options());
+  const float* v = value.data_ptr<float>();
+  const float* off = offsets.data_ptr<float>();
+  const float* att = weights.data_ptr<float>();
+  const float* ref = reference.data_ptr<float>();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const std::vector<int64_t> start = level_starts(hw, n.L);
+  float* o = out.data_ptr<float>();
+  // Each (b, q) output row belongs to one thread.
+  at::parallel_for(0, n.B * n.Q, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / n.Q;
+      for (int64_t h = 0; h < n.H; ++h) {
+        float* out_row = o + (bq * n.H + h) * n.D;
+        for (int64_t l = 0; l < n.L; ++l) {
+          const int64_t height = hw[2 * l], width = hw[2 * l + 1];
+          const float* r = ref + (bq * n.L + l) * n.R;
+          const float span_x = n.R == 4 ? r[2] : 1.f, span_y = n.R == 4 ? r[3] : 1.f;
+          for (int64_t p = 0; p < n.P; ++p) {
+            const int64_t point = ((bq * n.H + h) * n.L + l) * n.P + p;
+            const Point s = locate(2.f * r[0] - 1.f + off[2 * point] * span_x,
+                                   2.f * r[1] - 1.f + off[2 * point + 1] * span_y, height, width);
+            for (int k = 0; k < 4; ++k) {
+              if (!s.valid[k]) continue;
+              const float scale = att[point] * s.w[k];
+              const float* value_row = v + ((b * n.S + start[l] + s.y[k] * width + s.x[k]) * n.H + h) * n.D;
+              for (int64_t d = 0; d < n.D; ++d) out_row[d] += scale * value_row[d];
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& offsets,
+                                 const at::Tensor& weights, const at::Tensor& reference, const at::Tensor& shapes) {
+  const Sizes n = check(value, offsets, weights, reference, shapes);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "ms_deform_attn_cpu: grad_out");
+  auto grad_value = at::zeros_like(value);
+  auto grad_offsets = at::zeros_like(offsets);
+  auto grad_weights = at::zeros_like(weights);
+  const float* v = value.data_ptr<float>();
+  const float* off = offsets.data_ptr<float>();
+  const float* att = weights.data_ptr<float>();
+  const float* ref = reference.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const std::vector<int64_t> start = level_starts(hw, n.L);
+  float* gv = grad_value.data_ptr<float>();
+  float* goff = grad_offsets.data_ptr<float>();
+  float* gatt = grad_weights.data_ptr<float>();
+  // One thread per (b, h): the value gradients of different heads never overlap, so the scatter needs no atomics
+  // and the result does not depend on the thread count.
+  at::parallel_for(0, n.B * n.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / n.H, h = bh % n.H;
+      for (int64_t q = 0; q < n.Q; ++q) {
+        const int64_t bq = b * n.Q + q;
+        const float* grad_row = go + (bq * n.H + h) * n.D;
+        for (int64_t l = 0; l < n.L; ++l) {
+          const int64_t height = hw[2 * l], width = hw[2 * l + 1];
+          const float* r = ref + (bq * n.L + l) * n.R;
+          const float span_x = n.R == 4 ? r[2] : 1.f, span_y = n.R == 4 ? r[3] : 1.f;
+          for (int64_t p = 0; p < n.P; ++p) {
+            const int64_t point = ((bq * n.H + h) * n.L + l) * n.P + p;
+            const Point s = locate(2.f * r[0] - 1.f + off[2 * point] * span_x,
+                                   2.f * r[1] - 1.f + off[2 * point + 1] * span_y, height, width);
+            float grad_att = 0.f, grad_gx = 0.f, grad_gy = 0.f;
+            for (int k = 0; k < 4; ++k) {
+              if (!s.valid[k]) continue;
+              const int64_t row = ((b * n.S + start[l] + s.y[k] * width + s.x[k]) * n.H + h) * n.D;
+              const float scale = att[point] * s.w[k];
+              float dot = 0.f;
+              for (int64_t d = 0; d < n.D; ++d) {
+                dot += grad_row[d] * v[row + d];
+                gv[row + d] += scale * grad_row[d];
+              }
+              grad_att += s.w[k] * dot;
+              grad_gx += s.dw_dgx[k] * dot;
+              grad_gy += s.dw_dgy[k] * dot;
+            }
+            gatt[point] = grad_att;
+            goff[2 * point] = att[point] * grad_gx * span_x;
+            goff[2 * point + 1] = att[point] * grad_gy * span_y;
+          }
+        }
+      }
+    }
+  });
+  return {grad_value, grad_offsets, grad_weights};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "multi-scale deformable attention, CPU forward");
+  m.def("backward", &backward, "multi-scale deformable attention, CPU backward");
+}
