@@ -22,7 +22,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,22 +102,38 @@ def kitti_line(phrase: str, box: Sequence[float], score: float) -> str:
     return f"{name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00 {score:.4f}"
 
 
-def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> List[dict]:
-    """Run inference as the spec says and write the outputs; returns the COCO detection records."""
-    options, sources = cfg.inference, cfg.dataset.infer_data_sources
-    phrases = [normalize_name(c) for c in sources.captions]
+def infer_phrases(cfg: ExperimentConfig) -> List[str]:
+    """dataset.infer_data_sources.captions, normalised; refused when empty or repeated."""
+    captions = cfg.dataset.infer_data_sources.captions
+    phrases = [normalize_name(c) for c in captions]
     if not phrases or not all(phrases):
         raise ValueError(f"dataset.infer_data_sources.captions must list one or more non-empty phrases, got "
-                         f"{list(sources.captions)!r}")
+                         f"{list(captions)!r}")
     if len(set(phrases)) != len(phrases):
         raise ValueError(f"dataset.infer_data_sources.captions repeats a phrase: {phrases}")
-    colors = phrase_colors(phrases, options.color_map)
-    chunks = split_prompt(phrases, predictor.tokenizer)
-    images = list_images(sources.image_dir, options.is_internal)
-    size = predictor.image_size(options.input_width, options.input_height, "inference")
+    return phrases
+
+
+def infer_loader(cfg: ExperimentConfig,
+                 size: Optional[Tuple[int, int]]) -> Tuple[List[Tuple[Path, Path]], DataLoader]:
+    """The inference images ((source, output) paths) and their batches, resized to `size` (width, height) or, when
+    None, by the augmentation's test resize."""
+    options = cfg.inference
+    images = list_images(cfg.dataset.infer_data_sources.image_dir, options.is_internal)
     dataset = ImageList([path for path, _ in images], build_transforms(cfg.dataset.augmentation, False, size))
     loader = DataLoader(dataset, batch_size=options.batch_size if options.batch_size > 0 else cfg.dataset.batch_size,
                         num_workers=cfg.dataset.workers, collate_fn=functools.partial(collate_fn, pad_size=None))
+    return images, loader
+
+
+def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> List[dict]:
+    """Run inference as the spec says and write the outputs; returns the COCO detection records."""
+    options = cfg.inference
+    phrases = infer_phrases(cfg)
+    colors = phrase_colors(phrases, options.color_map)
+    chunks = split_prompt(phrases, predictor.tokenizer)
+    size = predictor.image_size(options.input_width, options.input_height, "inference")
+    images, loader = infer_loader(cfg, size)
     log.info("inference on %d images with %d phrases in %d prompt(s)", len(images), len(phrases), len(chunks))
 
     label_of = {phrase: i for i, phrase in enumerate(phrases)}

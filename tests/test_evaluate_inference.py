@@ -325,24 +325,15 @@ def _order_sensitive_images(predictor, cfg, size) -> set:
     The decoder's content queries are indexed by rank (model.embed_init_tgt), so two encoder proposals whose scores
     differ by about 1e-6, common in a model trained two steps, trade content queries and their detections when the
     rounding changes, between two backends just as between two PyTorch runs. Such images cannot be compared."""
-    import functools
-
     import torch
-    from torch.utils.data import DataLoader
 
-    from grounding_dino.data.captions import normalize_name
-    from grounding_dino.data.loader import collate_fn
-    from grounding_dino.data.transforms import build_transforms
-    from grounding_dino.inference import ImageList, list_images
+    from grounding_dino.inference import infer_loader, infer_phrases
     from grounding_dino.predictor import split_prompt
 
-    sources = cfg.dataset.infer_data_sources
-    images = list_images(sources.image_dir, cfg.inference.is_internal)
-    dataset = ImageList([path for path, _ in images], build_transforms(cfg.dataset.augmentation, False, size))
-    chunks = split_prompt([normalize_name(c) for c in sources.captions], predictor.tokenizer)
+    _, loader = infer_loader(cfg, size)
+    chunks = split_prompt(infer_phrases(cfg), predictor.tokenizer)
     sensitive = set()
-    for batch, pixel_mask, targets in DataLoader(dataset, batch_size=4,
-                                                 collate_fn=functools.partial(collate_fn, pad_size=None)):
+    for batch, pixel_mask, targets in loader:
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         clean = predictor.detect(batch, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
         for seed in (1, 2):
