@@ -72,7 +72,7 @@ def build_ours(spec: dict):
     for name, p in model.named_parameters():
         if name.startswith("bert"):
             p.requires_grad_(False)
-    model.backbone[0].use_channels_last()  # as grounding_dino.train does
+    model.backbone[0].use_channels_last()  # as the training module does
     return cfg, model, SetCriterion.from_config(cfg.model)
 
 

@@ -84,6 +84,8 @@ class GroundingDINOModule(LightningModule):
         self.backbone_pretrained = backbone_pretrained
         self.model = build_model(cfg.model, activation_checkpoint=cfg.train.activation_checkpoint,
                                  backbone_pretrained=backbone_pretrained)
+        # Here, before any distributed wrapper sees the parameters (DDP keeps views of them).
+        self.model.backbone[0].use_channels_last()
         self.criterion = SetCriterion.from_config(cfg.model)
         self.evaluator: CocoEvaluator | None = None
 

@@ -135,8 +135,6 @@ def _frozen(module: GroundingDINOModule, cfg: ExperimentConfig) -> GroundingDINO
     frozen = freeze(module.model, cfg.train.freeze)
     if frozen:
         log.info("train.freeze froze %d parameter tensors", len(frozen))
-    # Before any distributed wrapper sees the parameters: DDP keeps views of them.
-    module.model.backbone[0].use_channels_last()
     return module
 
 

@@ -1,7 +1,6 @@
 """The compiled CPU deformable-attention kernel against the plain PyTorch path: same outputs, same gradients."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -24,7 +23,7 @@ def _buildable() -> bool:
 
 @pytest.fixture(scope="module")
 def kernel():
-    if os.environ.get("GDINO_MSDA_KERNEL") == "0":
+    if ms_deform_attn_cpu.switched_off():
         pytest.skip("GDINO_MSDA_KERNEL=0 turns the CPU kernel off")
     if ms_deform_attn_cpu.kernel() is None:
         if _buildable():

@@ -1,10 +1,11 @@
 """The compiled CPU kernel for multi-scale deformable attention (csrc/ms_deform_attn_cpu.cpp), used when it can be.
 
 It samples, weights and sums each point in one pass, where the plain path materialises every sampled value, then
-multiplies and sums them: the training step's deformable attention takes about half the time. It is built on first
-use with torch.utils.cpp_extension (a C++ compiler and ninja; about 30 s, once per machine, cached under
-TORCH_EXTENSIONS_DIR). Without them, with GDINO_MSDA_KERNEL=0, on GPU, in another dtype, or while exporting, the plain
-PyTorch path runs instead and gives the same results.
+multiplies and sums them (on a 2-core CPU an encoder layer's attention, forward and backward, takes about 40 % less
+time and the small-config training step about 10 % less). It is built on first use with torch.utils.cpp_extension
+(a C++ compiler and ninja; about 30 s, once per machine, cached under TORCH_EXTENSIONS_DIR). Without them, with
+GDINO_MSDA_KERNEL=0, on GPU, in another dtype, or while exporting, the plain PyTorch path runs instead and gives the
+same results.
 """
 import functools
 import logging
@@ -21,10 +22,15 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn_cpu.cpp"
 
 
+def switched_off() -> bool:
+    """GDINO_MSDA_KERNEL=0 keeps every call on the plain path."""
+    return os.environ.get("GDINO_MSDA_KERNEL", "1") == "0"
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> Optional[object]:
     """The built extension, or None (and one warning saying why) when it cannot be built here."""
-    if os.environ.get("GDINO_MSDA_KERNEL", "1") == "0":
+    if switched_off():
         return None
     try:
         from torch.utils.cpp_extension import load

@@ -41,28 +41,63 @@ std::vector<int64_t> level_starts(const int64_t* hw, int64_t L) {
   return start;
 }
 
-// One sampling point: its four neighbouring pixels, their bilinear weights and the weights' derivatives with
-// respect to the grid location.
-struct Point {
-  int64_t x[4], y[4];
-  bool valid[4];
-  float w[4], dw_dgx[4], dw_dgy[4];
+// The raw inputs and the level layout, shared by the forward and backward passes.
+struct Inputs {
+  Sizes n;
+  const float *value, *offsets, *weights, *reference;
+  const int64_t* hw;
+  std::vector<int64_t> start;
+
+  Inputs(const at::Tensor& value_, const at::Tensor& offsets_, const at::Tensor& weights_,
+         const at::Tensor& reference_, const at::Tensor& shapes)
+      : n(check(value_, offsets_, weights_, reference_, shapes)),
+        value(value_.data_ptr<float>()),
+        offsets(offsets_.data_ptr<float>()),
+        weights(weights_.data_ptr<float>()),
+        reference(reference_.data_ptr<float>()),
+        hw(shapes.data_ptr<int64_t>()),
+        start(level_starts(hw, n.L)) {}
+
+  int64_t point_index(int64_t bq, int64_t h, int64_t l, int64_t p) const {
+    return ((bq * n.H + h) * n.L + l) * n.P + p;
+  }
+
+  // Start of value[b, pixel, h, :].
+  int64_t value_row(int64_t b, int64_t pixel, int64_t h) const { return ((b * n.S + pixel) * n.H + h) * n.D; }
 };
 
-inline Point locate(float gx, float gy, int64_t height, int64_t width) {
+// One sampling point: its four neighbouring pixels (flat, level offset included), their bilinear weights and the
+// weights' derivatives with respect to the point's offset.
+struct Point {
+  int64_t pixel[4];
+  bool valid[4];
+  float w[4], dw_dox[4], dw_doy[4];
+};
+
+// Sampling point `point` of output row bq on level l: the reference point moved by the offset (scaled by the box
+// size for 4-value references), in pixels with align_corners=False.
+inline Point locate(const Inputs& in, int64_t bq, int64_t l, int64_t point) {
+  const int64_t height = in.hw[2 * l], width = in.hw[2 * l + 1];
+  const float* r = in.reference + (bq * in.n.L + l) * in.n.R;
+  const float span_x = in.n.R == 4 ? r[2] : 1.f, span_y = in.n.R == 4 ? r[3] : 1.f;
+  const float gx = 2.f * r[0] - 1.f + in.offsets[2 * point] * span_x;
+  const float gy = 2.f * r[1] - 1.f + in.offsets[2 * point + 1] * span_y;
   const float x = ((gx + 1.f) * width - 1.f) * 0.5f;
   const float y = ((gy + 1.f) * height - 1.f) * 0.5f;
   const float x_floor = std::floor(x), y_floor = std::floor(y);
   const int64_t x0 = static_cast<int64_t>(x_floor), y0 = static_cast<int64_t>(y_floor);
   const float fx = x - x_floor, fy = y - y_floor;
-  const float hx = 0.5f * width, hy = 0.5f * height;  // d pixel / d grid
-  Point p{{x0, x0 + 1, x0, x0 + 1},
-          {y0, y0, y0 + 1, y0 + 1},
+  const float hx = 0.5f * width * span_x, hy = 0.5f * height * span_y;  // d pixel / d offset
+  const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1}, ys[4] = {y0, y0, y0 + 1, y0 + 1};
+  Point p{{},
           {},
           {(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy},
           {-(1 - fy) * hx, (1 - fy) * hx, -fy * hx, fy * hx},
           {-(1 - fx) * hy, -fx * hy, (1 - fx) * hy, fx * hy}};
-  for (int k = 0; k < 4; ++k) p.valid[k] = p.x[k] >= 0 && p.x[k] < width && p.y[k] >= 0 && p.y[k] < height;
+  for (int k = 0; k < 4; ++k) {
+    p.valid[k] = xs[k] >= 0 && xs[k] < width && ys[k] >= 0 && ys[k] < height;
+    p.pixel[k] = in.start[l] + ys[k] * width + xs[k];
+  }
   return p;
 }
 
@@ -70,14 +105,9 @@ inline Point locate(float gx, float gy, int64_t height, int64_t width) {
 
 at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& weights,
                    const at::Tensor& reference, const at::Tensor& shapes) {
-  const Sizes n = check(value, offsets, weights, reference, shapes);
+  const Inputs in(value, offsets, weights, reference, shapes);
+  const Sizes& n = in.n;
   auto out = at::zeros({n.B, n.Q, n.H * n.D}, value.options());
-  const float* v = value.data_ptr<float>();
-  const float* off = offsets.data_ptr<float>();
-  const float* att = weights.data_ptr<float>();
-  const float* ref = reference.data_ptr<float>();
-  const int64_t* hw = shapes.data_ptr<int64_t>();
-  const std::vector<int64_t> start = level_starts(hw, n.L);
   float* o = out.data_ptr<float>();
   // Each (b, q) output row belongs to one thread.
   at::parallel_for(0, n.B * n.Q, 16, [&](int64_t begin, int64_t end) {
@@ -86,17 +116,13 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at:
       for (int64_t h = 0; h < n.H; ++h) {
         float* out_row = o + (bq * n.H + h) * n.D;
         for (int64_t l = 0; l < n.L; ++l) {
-          const int64_t height = hw[2 * l], width = hw[2 * l + 1];
-          const float* r = ref + (bq * n.L + l) * n.R;
-          const float span_x = n.R == 4 ? r[2] : 1.f, span_y = n.R == 4 ? r[3] : 1.f;
           for (int64_t p = 0; p < n.P; ++p) {
-            const int64_t point = ((bq * n.H + h) * n.L + l) * n.P + p;
-            const Point s = locate(2.f * r[0] - 1.f + off[2 * point] * span_x,
-                                   2.f * r[1] - 1.f + off[2 * point + 1] * span_y, height, width);
+            const int64_t point = in.point_index(bq, h, l, p);
+            const Point s = locate(in, bq, l, point);
             for (int k = 0; k < 4; ++k) {
               if (!s.valid[k]) continue;
-              const float scale = att[point] * s.w[k];
-              const float* value_row = v + ((b * n.S + start[l] + s.y[k] * width + s.x[k]) * n.H + h) * n.D;
+              const float scale = in.weights[point] * s.w[k];
+              const float* value_row = in.value + in.value_row(b, s.pixel[k], h);
               for (int64_t d = 0; d < n.D; ++d) out_row[d] += scale * value_row[d];
             }
           }
@@ -109,18 +135,13 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at:
 
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& offsets,
                                  const at::Tensor& weights, const at::Tensor& reference, const at::Tensor& shapes) {
-  const Sizes n = check(value, offsets, weights, reference, shapes);
+  const Inputs in(value, offsets, weights, reference, shapes);
+  const Sizes& n = in.n;
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "ms_deform_attn_cpu: grad_out");
   auto grad_value = at::zeros_like(value);
   auto grad_offsets = at::zeros_like(offsets);
   auto grad_weights = at::zeros_like(weights);
-  const float* v = value.data_ptr<float>();
-  const float* off = offsets.data_ptr<float>();
-  const float* att = weights.data_ptr<float>();
-  const float* ref = reference.data_ptr<float>();
   const float* go = grad_out.data_ptr<float>();
-  const int64_t* hw = shapes.data_ptr<int64_t>();
-  const std::vector<int64_t> start = level_starts(hw, n.L);
   float* gv = grad_value.data_ptr<float>();
   float* goff = grad_offsets.data_ptr<float>();
   float* gatt = grad_weights.data_ptr<float>();
@@ -133,30 +154,27 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
         const int64_t bq = b * n.Q + q;
         const float* grad_row = go + (bq * n.H + h) * n.D;
         for (int64_t l = 0; l < n.L; ++l) {
-          const int64_t height = hw[2 * l], width = hw[2 * l + 1];
-          const float* r = ref + (bq * n.L + l) * n.R;
-          const float span_x = n.R == 4 ? r[2] : 1.f, span_y = n.R == 4 ? r[3] : 1.f;
           for (int64_t p = 0; p < n.P; ++p) {
-            const int64_t point = ((bq * n.H + h) * n.L + l) * n.P + p;
-            const Point s = locate(2.f * r[0] - 1.f + off[2 * point] * span_x,
-                                   2.f * r[1] - 1.f + off[2 * point + 1] * span_y, height, width);
-            float grad_att = 0.f, grad_gx = 0.f, grad_gy = 0.f;
+            const int64_t point = in.point_index(bq, h, l, p);
+            const Point s = locate(in, bq, l, point);
+            const float attention = in.weights[point];
+            float grad_att = 0.f, grad_ox = 0.f, grad_oy = 0.f;
             for (int k = 0; k < 4; ++k) {
               if (!s.valid[k]) continue;
-              const int64_t row = ((b * n.S + start[l] + s.y[k] * width + s.x[k]) * n.H + h) * n.D;
-              const float scale = att[point] * s.w[k];
+              const int64_t row = in.value_row(b, s.pixel[k], h);
+              const float scale = attention * s.w[k];
               float dot = 0.f;
               for (int64_t d = 0; d < n.D; ++d) {
-                dot += grad_row[d] * v[row + d];
+                dot += grad_row[d] * in.value[row + d];
                 gv[row + d] += scale * grad_row[d];
               }
               grad_att += s.w[k] * dot;
-              grad_gx += s.dw_dgx[k] * dot;
-              grad_gy += s.dw_dgy[k] * dot;
+              grad_ox += s.dw_dox[k] * dot;
+              grad_oy += s.dw_doy[k] * dot;
             }
             gatt[point] = grad_att;
-            goff[2 * point] = att[point] * grad_gx * span_x;
-            goff[2 * point + 1] = att[point] * grad_gy * span_y;
+            goff[2 * point] = attention * grad_ox;
+            goff[2 * point + 1] = attention * grad_oy;
           }
         }
       }
