@@ -38,14 +38,14 @@ def _plain(monkeypatch, function, *args):
         return function(*args)
 
 
-def _module_and_inputs(seed: int, reference_values: int):
+def _module_and_inputs(seed: int, reference_values: int, d_model: int = 32, heads: int = 4):
     torch.manual_seed(seed)
-    attn = MSDeformAttn(d_model=32, n_levels=len(SHAPES), n_heads=4, n_points=3)
+    attn = MSDeformAttn(d_model=d_model, n_levels=len(SHAPES), n_heads=heads, n_points=3)
     with torch.no_grad():  # offsets well beyond the init ring: samples fall outside levels and across borders too
         attn.sampling_offsets.weight.normal_(0, 0.5)
         attn.attention_weights.weight.normal_(0, 0.5)
-    query = torch.randn(2, 23, 32, requires_grad=True)
-    value = torch.randn(2, SIZE, 32, requires_grad=True)
+    query = torch.randn(2, 23, d_model, requires_grad=True)
+    value = torch.randn(2, SIZE, d_model, requires_grad=True)
     reference = torch.rand(2, 23, len(SHAPES), reference_values)
     if reference_values == 4:
         reference[..., 2:] = reference[..., 2:] * 0.6 + 0.05
@@ -54,10 +54,12 @@ def _module_and_inputs(seed: int, reference_values: int):
     return attn, (query, reference, value, SHAPES, padding)
 
 
+# Head widths 16 and 32 take the kernel's unrolled loops, 8 its generic one.
+@pytest.mark.parametrize("d_model,heads", [(32, 4), (32, 2), (64, 2)], ids=["width8", "width16", "width32"])
 @pytest.mark.parametrize("reference_values", [2, 4])
-def test_kernel_matches_the_plain_path(kernel, monkeypatch, reference_values):
+def test_kernel_matches_the_plain_path(kernel, monkeypatch, reference_values, d_model, heads):
     for seed in range(3):
-        attn, args = _module_and_inputs(seed, reference_values)
+        attn, args = _module_and_inputs(seed, reference_values, d_model, heads)
         fast = attn(*args)
         plain = _plain(monkeypatch, attn, *args)
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)

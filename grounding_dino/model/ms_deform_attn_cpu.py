@@ -27,6 +27,15 @@ def switched_off() -> bool:
     return os.environ.get("GDINO_MSDA_KERNEL", "1") == "0"
 
 
+def vector_flags() -> Tuple[str, List[str]]:
+    """The instruction set to build for: AVX2 + FMA where ATen itself runs its AVX2 (or AVX-512) kernels, else the
+    compiler's baseline. Part of the extension's name, so a cache shared by different CPUs never loads a build that
+    uses instructions this one lacks (ATEN_CPU_CAPABILITY=default forces the baseline build)."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "avx2", ["-mavx2", "-mfma"]  # AVX-512 measured no faster for 16-wide heads
+    return "baseline", []
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> Optional[object]:
     """The built extension, or None (and one warning saying why) when it cannot be built here."""
@@ -35,8 +44,10 @@ def kernel() -> Optional[object]:
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("loading the compiled CPU deformable-attention kernel (built once per machine, ~30 s the first time)")
-        return load("gdino_ms_deform_attn_cpu", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        isa, flags = vector_flags()
+        log.info("loading the compiled CPU deformable-attention kernel (%s; built once per machine, ~30 s the first "
+                 "time)", isa)
+        return load(f"gdino_ms_deform_attn_cpu_{isa}", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: all mean "use the plain path"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -103,18 +103,22 @@ inline Point locate(const Inputs& in, int64_t bq, int64_t l, int64_t point) {
 
 }  // namespace
 
-at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& weights,
-                   const at::Tensor& reference, const at::Tensor& shapes) {
-  const Inputs in(value, offsets, weights, reference, shapes);
+// Head width D is a template argument for the common widths (16 at hidden 128, 32 at hidden 256), so the channel
+// loops unroll into whole vector registers; kD = 0 handles any other width.
+template <int64_t kD>
+void forward_rows(const Inputs& in, float* __restrict__ out) {
   const Sizes& n = in.n;
-  auto out = at::zeros({n.B, n.Q, n.H * n.D}, value.options());
-  float* o = out.data_ptr<float>();
+  const int64_t D = kD > 0 ? kD : n.D;
   // Each (b, q) output row belongs to one thread.
   at::parallel_for(0, n.B * n.Q, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bq = begin; bq < end; ++bq) {
       const int64_t b = bq / n.Q;
       for (int64_t h = 0; h < n.H; ++h) {
-        float* out_row = o + (bq * n.H + h) * n.D;
+        float* __restrict__ out_row = out + (bq * n.H + h) * D;
+        // A local accumulator the compiler knows aliases nothing, stored once per row.
+        float local[kD > 0 ? kD : 1];
+        float* __restrict__ acc = kD > 0 ? local : out_row;
+        for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
         for (int64_t l = 0; l < n.L; ++l) {
           for (int64_t p = 0; p < n.P; ++p) {
             const int64_t point = in.point_index(bq, h, l, p);
@@ -122,29 +126,37 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at:
             for (int k = 0; k < 4; ++k) {
               if (!s.valid[k]) continue;
               const float scale = in.weights[point] * s.w[k];
-              const float* value_row = in.value + in.value_row(b, s.pixel[k], h);
-              for (int64_t d = 0; d < n.D; ++d) out_row[d] += scale * value_row[d];
+              const float* __restrict__ value_row = in.value + in.value_row(b, s.pixel[k], h);
+              for (int64_t d = 0; d < D; ++d) acc[d] += scale * value_row[d];
             }
           }
+        }
+        if (kD > 0) {
+          for (int64_t d = 0; d < D; ++d) out_row[d] = acc[d];
         }
       }
     }
   });
+}
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at::Tensor& weights,
+                   const at::Tensor& reference, const at::Tensor& shapes) {
+  const Inputs in(value, offsets, weights, reference, shapes);
+  auto out = at::empty({in.n.B, in.n.Q, in.n.H * in.n.D}, value.options());  // every row is written
+  float* o = out.data_ptr<float>();
+  switch (in.n.D) {
+    case 16: forward_rows<16>(in, o); break;
+    case 32: forward_rows<32>(in, o); break;
+    default: forward_rows<0>(in, o);
+  }
   return out;
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& offsets,
-                                 const at::Tensor& weights, const at::Tensor& reference, const at::Tensor& shapes) {
-  const Inputs in(value, offsets, weights, reference, shapes);
+template <int64_t kD>
+void backward_heads(const Inputs& in, const float* __restrict__ grad_out, float* __restrict__ grad_value,
+                    float* __restrict__ grad_offsets, float* __restrict__ grad_weights) {
   const Sizes& n = in.n;
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "ms_deform_attn_cpu: grad_out");
-  auto grad_value = at::zeros_like(value);
-  auto grad_offsets = at::zeros_like(offsets);
-  auto grad_weights = at::zeros_like(weights);
-  const float* go = grad_out.data_ptr<float>();
-  float* gv = grad_value.data_ptr<float>();
-  float* goff = grad_offsets.data_ptr<float>();
-  float* gatt = grad_weights.data_ptr<float>();
+  const int64_t D = kD > 0 ? kD : n.D;
   // One thread per (b, h): the value gradients of different heads never overlap, so the scatter needs no atomics
   // and the result does not depend on the thread count.
   at::parallel_for(0, n.B * n.H, 1, [&](int64_t begin, int64_t end) {
@@ -152,7 +164,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
       const int64_t b = bh / n.H, h = bh % n.H;
       for (int64_t q = 0; q < n.Q; ++q) {
         const int64_t bq = b * n.Q + q;
-        const float* grad_row = go + (bq * n.H + h) * n.D;
+        const float* __restrict__ grad_row = grad_out + (bq * n.H + h) * D;
         for (int64_t l = 0; l < n.L; ++l) {
           for (int64_t p = 0; p < n.P; ++p) {
             const int64_t point = in.point_index(bq, h, l, p);
@@ -162,24 +174,46 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
             for (int k = 0; k < 4; ++k) {
               if (!s.valid[k]) continue;
               const int64_t row = in.value_row(b, s.pixel[k], h);
+              const float* __restrict__ value_row = in.value + row;
+              float* __restrict__ grad_value_row = grad_value + row;
               const float scale = attention * s.w[k];
               float dot = 0.f;
-              for (int64_t d = 0; d < n.D; ++d) {
-                dot += grad_row[d] * in.value[row + d];
-                gv[row + d] += scale * grad_row[d];
+              // Without this a float sum is not reordered into vector lanes (about 1.6x slower on AVX2).
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < D; ++d) {
+                dot += grad_row[d] * value_row[d];
+                grad_value_row[d] += scale * grad_row[d];
               }
               grad_att += s.w[k] * dot;
               grad_ox += s.dw_dox[k] * dot;
               grad_oy += s.dw_doy[k] * dot;
             }
-            gatt[point] = grad_att;
-            goff[2 * point] = attention * grad_ox;
-            goff[2 * point + 1] = attention * grad_oy;
+            grad_weights[point] = grad_att;
+            grad_offsets[2 * point] = attention * grad_ox;
+            grad_offsets[2 * point + 1] = attention * grad_oy;
           }
         }
       }
     }
   });
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& value, const at::Tensor& offsets,
+                                 const at::Tensor& weights, const at::Tensor& reference, const at::Tensor& shapes) {
+  const Inputs in(value, offsets, weights, reference, shapes);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "ms_deform_attn_cpu: grad_out");
+  auto grad_value = at::zeros_like(value);
+  auto grad_offsets = at::empty_like(offsets);  // every point's entries are written
+  auto grad_weights = at::empty_like(weights);
+  float* gv = grad_value.data_ptr<float>();
+  float* goff = grad_offsets.data_ptr<float>();
+  float* gatt = grad_weights.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  switch (in.n.D) {
+    case 16: backward_heads<16>(in, go, gv, goff, gatt); break;
+    case 32: backward_heads<32>(in, go, gv, goff, gatt); break;
+    default: backward_heads<0>(in, go, gv, goff, gatt);
+  }
   return {grad_value, grad_offsets, grad_weights};
 }
 
