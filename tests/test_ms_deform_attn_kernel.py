@@ -100,3 +100,23 @@ def test_plain_path_runs_where_the_kernel_cannot(kernel):
     assert not ms_deform_attn_cpu.usable(value.double(), offsets.double(), weights.double(), reference.double())
     assert not ms_deform_attn_cpu.usable(value.bfloat16(), offsets, weights, reference)
     assert not ms_deform_attn_cpu.usable(value, offsets, weights, reference.requires_grad_())
+
+
+def test_kernel_gradients_do_not_depend_on_the_thread_count(kernel):
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(2, SIZE, 4, 16, generator=generator).requires_grad_()
+    offsets = (torch.randn(2, 30, 4, len(SHAPES), 3, 2, generator=generator) * 0.3).requires_grad_()
+    weights = torch.rand(2, 30, 4, len(SHAPES), 3, generator=generator).requires_grad_()
+    reference = torch.rand(2, 30, len(SHAPES), 4, generator=generator) * 0.6 + 0.2
+    upstream = torch.randn(2, 30, 64, generator=generator)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            out = ms_deform_attn_cpu.ms_deform_attn_cpu(value, SHAPES, offsets, weights, reference)
+            grads.append(torch.autograd.grad(out, [value, offsets, weights], upstream))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
