@@ -64,14 +64,13 @@ def experiment_spec(paths: dict, results_dir: str, **train_overrides) -> dict:
 
 def build_ours(spec: dict):
     from grounding_dino.config import load_experiment
+    from grounding_dino.lightning_module import freeze
     from grounding_dino.model import build_model
     from grounding_dino.model.criterion import SetCriterion
 
     cfg = load_experiment(spec)
     model = build_model(cfg.model)
-    for name, p in model.named_parameters():
-        if name.startswith("bert"):
-            p.requires_grad_(False)
+    freeze(model, cfg.train.freeze)  # the spec's ["bert"], as training does
     model.backbone[0].use_channels_last()  # as the training module does
     return cfg, model, SetCriterion.from_config(cfg.model)
 

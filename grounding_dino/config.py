@@ -342,7 +342,9 @@ class TrainConfig:
     pretrained_model_path: Optional[str] = param(
         None, "Grounding DINO weights to start from (ours, official, Hugging Face or TAO).", popular=True
     )
-    freeze: List[str] = param([], "Parameter-name prefixes to freeze, e.g. [backbone.0, bert].")
+    freeze: List[str] = param([], "Parameter-name prefixes to freeze, e.g. [backbone.0, bert]. A module whose "
+                              "parameters are all frozen runs in eval mode while training (no dropout, fixed norm "
+                              "statistics).")
     clip_grad_norm: float = param(0.1, "Gradient-norm clip (0 disables).", minimum=0.0)
     is_dry_run: bool = param(False, "Run one batch of train and val, then stop.")
     optim: OptimConfig = section(OptimConfig, "Optimizer and learning-rate schedule.")

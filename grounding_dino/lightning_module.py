@@ -41,6 +41,9 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> List[str]:
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
+    # Lightning keeps the modes it finds at fit start, so the newly frozen parts go to eval mode now (see
+    # GroundingDINO.train).
+    model.train(model.training)
     return sorted(set(frozen))
 
 

@@ -66,6 +66,25 @@ def test_every_trainable_parameter_gets_a_gradient(text_folder):
     assert len(enc_head) >= 8  # enc_output, enc_output_norm, enc_out_bbox_embed, enc_out_class_embed.bias
 
 
+def test_frozen_parts_stay_in_eval_mode_while_training(text_folder):
+    from grounding_dino.lightning_module import freeze
+
+    torch.manual_seed(0)
+    model = build_model(small_config(text_folder, dropout_ratio=0.5))
+    freeze(model, ["bert", "transformer.encoder.layers.0"])
+    model.train()
+    assert not model.bert.training and not model.transformer.encoder.layers[0].training
+    assert model.training and model.transformer.training and model.transformer.encoder.layers[1].training
+    assert model.backbone.training and model.bert.embeddings.dropout.p > 0
+    text = model.tokenizer(["a red car . a dog"])
+    features = [model.encode_text(text) for _ in range(2)]
+    torch.testing.assert_close(features[0], features[1])  # no dropout in the frozen text encoder
+    model.eval()
+    assert not model.transformer.training
+    model.train()
+    assert model.transformer.encoder.layers[1].training and not model.bert.training
+
+
 def test_output_contract(model):
     text = model.tokenizer(["cat .", "a red car . a dog"])
     pixel_mask = torch.zeros(2, 64, 96, dtype=torch.bool)

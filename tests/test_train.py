@@ -324,6 +324,11 @@ class _WeightProbe:
         class Probe(Callback):
             def on_train_start(self, trainer, pl_module):
                 self.before = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+                self.modes = set()
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                model = pl_module.model
+                self.modes.add((model.training, model.backbone.training, model.bert.training))
 
             def on_train_end(self, trainer, pl_module):
                 self.after = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
@@ -363,6 +368,8 @@ def test_freeze_keeps_prefixed_weights_and_trains_the_rest(dry_run_frozen):
     assert frozen and all(torch.equal(probe.before[k], probe.after[k]) for k in frozen)
     changed = [k for k in probe.before if not torch.equal(probe.before[k], probe.after[k])]
     assert changed and not any(k.startswith(("backbone.0.", "bert.")) for k in changed)
+    # the frozen parts train in eval mode (no dropout, fixed norm statistics), the rest in training mode
+    assert probe.modes == {(True, False, False)}
 
 
 def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
