@@ -1,7 +1,8 @@
 """Training throughput on a GPU: our Grounding DINO vs Hugging Face's, Swin-T + BERT-base sized, random init.
 
 960x544 images, batch 2, bf16 autocast, AdamW, full training steps (forward with targets, loss, backward, step).
-Each model runs warm-up steps, then `--steps` timed steps; prints images/s for both and the ratio, as one JSON line.
+Both models sit on the GPU together and are timed alternately, in rounds of a few steps each, so a change of clock
+or host load during the run hits both alike; images/s comes from each model's median round. Prints one JSON line.
 
     python benchmarks/gpu_train_throughput.py [--steps 20] [--batch 2]
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
+from typing import Callable, Dict, List
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,18 +61,7 @@ def make_batch(tokenizer, batch: int, device):
     return images, pixel_mask, text, targets
 
 
-def timed(step, steps: int, warmup: int, batch: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
-
-
-def run_ours(folder, args, device):
+def ours_step(folder, args, device):
     from grounding_dino.config import ModelConfig
     from grounding_dino.model import build_model
     from grounding_dino.model.criterion import SetCriterion, weighted_total
@@ -88,12 +80,7 @@ def run_ours(folder, args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rate = timed(step, args.steps, args.warmup, args.batch)
-    memory = torch.cuda.max_memory_allocated() / 2**30
-    del model, optimizer
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return rate, memory
+    return step
 
 
 def _float(value):
@@ -107,7 +94,7 @@ def _float(value):
     return value
 
 
-def run_hf(folder, args, device, tokenizer):
+def hf_step(folder, args, device, tokenizer):
     from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection
 
     config = GroundingDinoConfig(text_config=BertConfig.from_pretrained(folder), auxiliary_loss=True,
@@ -126,14 +113,39 @@ def run_hf(folder, args, device, tokenizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rate = timed(step, args.steps, args.warmup, args.batch)
-    return rate, torch.cuda.max_memory_allocated() / 2**30
+    return step
+
+
+def step_memory(step) -> float:
+    """GiB a training step allocates on top of what is already resident (both models' weights and states)."""
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resident) / 2**30
+
+
+def alternate(steps: Dict[str, Callable[[], None]], total: int, per_round: int) -> Dict[str, List[float]]:
+    """Seconds per step of each round, the models taking turns (the first one alternating too)."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for round_index in range(max(1, total // per_round)):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(per_round):
+                steps[name]()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--per-round", type=int, default=4, help="steps per model per round")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vocab", default=None, help="folder with vocab.txt/tokenizer files (default: packaged MiniLM)")
     args = parser.parse_args()
@@ -143,16 +155,22 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     folder = bert_base_folder(args.vocab)
 
-    ours_rate, ours_mem = run_ours(folder, args, device)
     from grounding_dino.model.text import CaptionTokenizer
 
-    hf_rate, hf_mem = run_hf(folder, args, device, CaptionTokenizer(folder, 256))
+    steps = {"ours": ours_step(folder, args, device),
+             "hf": hf_step(folder, args, device, CaptionTokenizer(folder, 256))}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    memory = {name: step_memory(step) for name, step in steps.items()}
+    times = alternate(steps, args.steps, args.per_round)
+    rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
     print(json.dumps({
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "steps": args.steps,
-        "size": "960x544", "precision": "bf16-autocast",
-        "ours_images_per_s": round(ours_rate, 2), "hf_images_per_s": round(hf_rate, 2),
-        "ours_over_hf": round(ours_rate / hf_rate, 2),
-        "ours_peak_gib": round(ours_mem, 1), "hf_peak_gib": round(hf_mem, 1),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+        "steps": len(times["ours"]) * args.per_round, "size": "960x544", "precision": "bf16-autocast",
+        "ours_images_per_s": round(rate["ours"], 2), "hf_images_per_s": round(rate["hf"], 2),
+        "ours_over_hf": round(rate["ours"] / rate["hf"], 2),
+        "ours_step_gib": round(memory["ours"], 1), "hf_step_gib": round(memory["hf"], 1),
     }))
 
 

@@ -85,6 +85,19 @@ def test_frozen_parts_stay_in_eval_mode_while_training(text_folder):
     assert model.transformer.encoder.layers[1].training and not model.bert.training
 
 
+def test_unpadded_batches_skip_the_padding_masks_exactly(model, monkeypatch):
+    text = model.tokenizer(["cat .", "a red car . a dog"])
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        skipped = model(images, torch.zeros(2, 64, 96, dtype=torch.bool), text)
+        assert torch.equal(skipped["pred_boxes"], model(images, None, text)["pred_boxes"])
+        forward = model.transformer.forward
+        monkeypatch.setattr(model.transformer, "forward", lambda *args: forward(*args[:-1], True))
+        masked = model(images, torch.zeros(2, 64, 96, dtype=torch.bool), text)
+    torch.testing.assert_close(skipped["pred_logits"], masked["pred_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(skipped["pred_boxes"], masked["pred_boxes"], atol=1e-5, rtol=1e-5)
+
+
 def test_output_contract(model):
     text = model.tokenizer(["cat .", "a red car . a dog"])
     pixel_mask = torch.zeros(2, 64, 96, dtype=torch.bool)

@@ -92,7 +92,8 @@ class FeatureEnhancer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: List[Tuple[int, int]], valid_ratios: Tensor,
                 padding_mask: Tensor, text: Tensor, text_padding: Tensor, text_self_mask: Tensor,
                 text_position_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        """src/pos [B,S,C] image tokens; text [B,T,C]; text_self_mask [B,T,T] True = may attend."""
+        """src/pos [B,S,C] image tokens; padding_mask [B,S] (None: no padding); text [B,T,C]; text_self_mask [B,T,T]
+        True = may attend."""
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         text_pos = sine_embed_coords(text_position_ids[..., None].to(text.dtype), self.d_model)
         blocked = ~text_self_mask

@@ -95,6 +95,8 @@ class GroundingDINO(nn.Module):
 
     def forward(self, images: Tensor, pixel_mask: Tensor, text: Dict[str, Tensor]) -> Dict:
         """images [B,3,H,W]; pixel_mask [B,H,W] True on padding (None = no padding); text from self.tokenizer."""
+        # Exported graphs take no pixel mask, so they never pay for padding masks (nor evaluate this test).
+        padded = pixel_mask is not None and bool(pixel_mask.any())
         if pixel_mask is None:
             pixel_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         text_valid = text["attention_mask"].bool()
@@ -102,7 +104,8 @@ class GroundingDINO(nn.Module):
             raise ValueError(f"text has {text_valid.shape[1]} tokens; model.max_text_len is {self.max_text_len}.")
         encoded = self.encode_text(text)
         srcs, masks, poss = self._multi_level(images, pixel_mask)
-        out = self.transformer(srcs, masks, poss, encoded, text_valid, text["text_token_mask"], text["position_ids"])
+        out = self.transformer(srcs, masks, poss, encoded, text_valid, text["text_token_mask"], text["position_ids"],
+                               padded)
         text_out = out["text"]
         logits = [self.class_embed[i](h, text_out, text_valid) for i, h in enumerate(out["hidden"])]
         boxes = [(self.bbox_embed[i](h) + inverse_sigmoid(ref)).sigmoid()

@@ -37,8 +37,9 @@ def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shape
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
-    proposals = proposals.masked_fill(padding_mask[..., None], float("inf")).masked_fill(~valid, float("inf"))
-    memory = memory.masked_fill(padding_mask[..., None], 0.0).masked_fill(~valid, 0.0)
+    unusable = padding_mask[..., None] | ~valid
+    proposals = proposals.masked_fill(unusable, float("inf"))
+    memory = memory.masked_fill(unusable, 0.0)
     return memory, proposals
 
 
@@ -81,8 +82,10 @@ class Transformer(nn.Module):
             nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].bias)
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], poss: List[Tensor], text: Tensor, text_valid: Tensor,
-                text_self_mask: Tensor, text_position_ids: Tensor) -> Dict:
-        """srcs/poss [B,C,H,W] per level, masks [B,H,W] True on padding; text [B,T,C], text_valid [B,T]."""
+                text_self_mask: Tensor, text_position_ids: Tensor, padded: bool = True) -> Dict:
+        """srcs/poss [B,C,H,W] per level, masks [B,H,W] True on padding; text [B,T,C], text_valid [B,T].
+        padded=False says the masks are all False: attention then skips them (masking nothing is exact, and on CPU
+        each mask is a pass over every image token in every layer)."""
         spatial_shapes = [tuple(src.shape[-2:]) for src in srcs]
         src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flat = torch.cat([m.flatten(1) for m in masks], 1)
@@ -90,8 +93,9 @@ class Transformer(nn.Module):
                               for lvl, p in enumerate(poss)], 1)
         valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1).to(src_flat.dtype)
         text_padding = ~text_valid
-        memory, text = self.encoder(src_flat, pos_flat, spatial_shapes, valid_ratios, mask_flat, text, text_padding,
-                                    text_self_mask, text_position_ids)
+        attention_padding = mask_flat if padded else None
+        memory, text = self.encoder(src_flat, pos_flat, spatial_shapes, valid_ratios, attention_padding, text,
+                                    text_padding, text_self_mask, text_position_ids)
         batch = memory.shape[0]
         out = {"text": text}
         if self.two_stage:
@@ -115,7 +119,7 @@ class Transformer(nn.Module):
             reference = self.refpoint_embed.weight[None].expand(batch, -1, -1).sigmoid()
             tgt = self.tgt_embed.weight[None].expand(batch, -1, -1)
         out["hidden"], out["references"] = self.decoder(tgt, reference, memory, spatial_shapes, valid_ratios,
-                                                        mask_flat, text, text_padding)
+                                                        attention_padding, text, text_padding)
         return out
 
 
