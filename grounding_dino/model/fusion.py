@@ -31,32 +31,51 @@ class BiMultiHeadAttention(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _merge(self, x: Tensor) -> Tensor:
-        return x.transpose(1, 2).flatten(2)
-
     def forward(self, v: Tensor, l: Tensor, mask_v: Tensor = None, mask_l: Tensor = None):
-        """v [B,N,Cv] image tokens, l [B,T,Cl] text tokens; masks True on padding. Returns (delta_v, delta_l)."""
-        # The scale goes into the projection's weights (a few thousand numbers), not over every image token.
-        query = self._heads(F.linear(v, self.v_proj.weight * self.scale, self.v_proj.bias * self.scale))
-        key = self._heads(self.l_proj(l))
-        value_v = self._heads(self.values_v_proj(v))
-        value_l = self._heads(self.values_l_proj(l))
-        logits = (query @ key.transpose(-1, -2)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)  # [B,h,N,T]
-        # The official model also subtracts the row maximum and clamps again before this softmax; softmax does the
-        # former itself, and the clamp only moves values whose exponent is 0 in every float type, so both are left out.
-        logits_t = logits.transpose(-1, -2)
+        """v [B,N,Cv] image tokens, l [B,T,Cl] text tokens; masks True on padding. Returns (delta_v, delta_l).
+
+        The official block projects every image token to queries and values and projects the attended values back:
+        three [N, embed_dim] products and two head-splitting copies. Per head h, the same maps are
+            logits_h = v (Wq_h^T k_h^T) + bq_h k_h^T                    (k_h: the text keys)
+            delta_v  = sum_h attn_v_h (value_l_h Wout_v_h^T) + b_out_v
+            delta_l  = sum_h (attn_l_h^T v)(Wv_h^T Wout_l_h^T) + (row sums of attn_l_h) (bv_h Wout_l_h^T) + b_out_l
+        so the weights are first combined with the text side (T tokens, few) and each image token meets only
+        heads x T columns: fewer multiplications whenever heads x T <= embed_dim, and no copies. Same parameters and
+        same function as the official block, up to float rounding.
+        """
+        batch, tokens, v_dim = v.shape
+        text_len, heads, dim = l.shape[1], self.num_heads, self.head_dim
+        columns = heads * text_len
+        key = self.l_proj(l).view(batch, text_len, heads, dim)
+        value_l = self.values_l_proj(l).view(batch, text_len, heads, dim)
+        query_weight = self.v_proj.weight.view(heads, dim, v_dim) * self.scale
+        query_bias = self.v_proj.bias.view(heads, dim) * self.scale
+        to_columns = torch.einsum("hdc,bthd->bcht", query_weight, key).reshape(batch, v_dim, columns)
+        column_bias = torch.einsum("hd,bthd->bht", query_bias, key).reshape(batch, 1, columns)
+        logits = torch.baddbmm(column_bias, v, to_columns).clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+        logits = logits.view(batch, tokens, heads, text_len)
+        # The official model also subtracts the row maximum and clamps again before the text-side softmax; softmax
+        # does the former itself, and the clamp only moves values whose exponent is 0 in every float type.
+        logits_v = logits if mask_l is None else logits.masked_fill(mask_l[:, None, None, :], float("-inf"))
+        attn_v = F.dropout(logits_v.softmax(-1), self.dropout, self.training).view(batch, tokens, columns)
+        # Text tokens read the image: softmax over the image tokens, along the last axis (one transposing copy is
+        # cheaper than a softmax across a middle axis), which leaves the weights in the layout `read` multiplies.
+        logits_l = logits.view(batch, tokens, columns).transpose(1, 2)
         if mask_v is not None:
-            logits_t = logits_t.masked_fill(mask_v[:, None, None, :], float("-inf"))
-        if mask_l is not None:
-            logits = logits.masked_fill(mask_l[:, None, None, :], float("-inf"))
-        attn_v = nn.functional.dropout(logits.softmax(-1), self.dropout, self.training)
-        attn_l = nn.functional.dropout(logits_t.softmax(-1), self.dropout, self.training)
-        delta_v = self.out_v_proj(self._merge(attn_v @ value_l))
-        delta_l = self.out_l_proj(self._merge(attn_l @ value_v))
+            logits_l = logits_l.masked_fill(mask_v[:, None, :], float("-inf"))
+        attn_l = F.dropout(logits_l.softmax(-1), self.dropout, self.training)  # [B, heads x T, N]
+
+        out_v_weight = self.out_v_proj.weight.view(v_dim, heads, dim)
+        text_to_image = torch.einsum("bthd,chd->bhtc", value_l, out_v_weight).reshape(batch, columns, v_dim)
+        delta_v = torch.baddbmm(self.out_v_proj.bias, attn_v, text_to_image)
+
+        out_l_weight = self.out_l_proj.weight.view(-1, heads, dim)
+        image_to_text = torch.einsum("hdc,ehd->hce", self.values_v_proj.weight.view(heads, dim, v_dim), out_l_weight)
+        value_bias = torch.einsum("hd,ehd->he", self.values_v_proj.bias.view(heads, dim), out_l_weight)
+        read = (attn_l @ v).view(batch, heads, text_len, v_dim)
+        weight_sums = attn_l.sum(-1).view(batch, heads, text_len)  # 1 unless dropout dropped some
+        delta_l = (torch.einsum("bhtc,hce->bte", read, image_to_text)
+                   + torch.einsum("bht,he->bte", weight_sums, value_bias) + self.out_l_proj.bias)
         return delta_v, delta_l
 
 
