@@ -98,6 +98,50 @@ def test_unpadded_batches_skip_the_padding_masks_exactly(model, monkeypatch):
     torch.testing.assert_close(skipped["pred_boxes"], masked["pred_boxes"], atol=1e-5, rtol=1e-5)
 
 
+def _official_bi_attention(attn, v, l, mask_v, mask_l):
+    """The official BiMultiHeadAttention written out directly: project, split heads, attend both ways, merge."""
+    batch, tokens, _ = v.shape
+    heads, dim = attn.num_heads, attn.head_dim
+
+    def split(x):
+        return x.view(batch, x.shape[1], heads, dim).transpose(1, 2)
+
+    query, key = split(attn.v_proj(v) * attn.scale), split(attn.l_proj(l))
+    value_v, value_l = split(attn.values_v_proj(v)), split(attn.values_l_proj(l))
+    logits = (query @ key.transpose(-1, -2)).clamp(-50000, 50000)  # [B, h, N, T]
+    logits_t = logits.transpose(-1, -2)
+    logits_t = (logits_t - logits_t.max(-1, keepdim=True)[0]).clamp(-50000, 50000)
+    logits_t = logits_t.masked_fill(mask_v[:, None, None, :], float("-inf"))
+    logits = logits.masked_fill(mask_l[:, None, None, :], float("-inf"))
+    delta_v = (logits.softmax(-1) @ value_l).transpose(1, 2).flatten(2)
+    delta_l = (logits_t.softmax(-1) @ value_v).transpose(1, 2).flatten(2)
+    return attn.out_v_proj(delta_v), attn.out_l_proj(delta_l)
+
+
+@pytest.mark.parametrize("heads,text_len", [(4, 9), (2, 40)])
+def test_fusion_computes_the_official_bi_attention(heads, text_len):
+    from grounding_dino.model.fusion import BiMultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = BiMultiHeadAttention(v_dim=32, l_dim=48, embed_dim=64, num_heads=heads, dropout=0.0)
+    for p in attn.parameters():
+        nn.init.normal_(p, 0, 0.2)  # non-zero biases too: they take their own paths through the reordering
+    v = torch.randn(2, 30, 32, requires_grad=True)
+    l = torch.randn(2, text_len, 48, requires_grad=True)
+    mask_v = torch.zeros(2, 30, dtype=torch.bool)
+    mask_v[1, -7:] = True
+    mask_l = torch.zeros(2, text_len, dtype=torch.bool)
+    mask_l[0, -3:] = True
+    ours = attn(v, l, mask_v, mask_l)
+    official = _official_bi_attention(attn, v, l, mask_v, mask_l)
+    upstream = [torch.randn_like(x) for x in ours]
+    for a, b in zip(ours, official):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    wrt = [v, l, *attn.parameters()]
+    for a, b in zip(torch.autograd.grad(ours, wrt, upstream), torch.autograd.grad(official, wrt, upstream)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_output_contract(model):
     text = model.tokenizer(["cat .", "a red car . a dog"])
     pixel_mask = torch.zeros(2, 64, 96, dtype=torch.bool)

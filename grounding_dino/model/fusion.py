@@ -40,8 +40,9 @@ class BiMultiHeadAttention(nn.Module):
             delta_v  = sum_h attn_v_h (value_l_h Wout_v_h^T) + b_out_v
             delta_l  = sum_h (attn_l_h^T v)(Wv_h^T Wout_l_h^T) + (row sums of attn_l_h) (bv_h Wout_l_h^T) + b_out_l
         so the weights are first combined with the text side (T tokens, few) and each image token meets only
-        heads x T columns: fewer multiplications whenever heads x T <= embed_dim, and no copies. Same parameters and
-        same function as the official block, up to float rounding.
+        heads x T columns: fewer multiplications whenever heads x T <= embed_dim (always with the default widths:
+        4 heads x at most 256 tokens against 1024), and no copies. Same parameters and same function as the
+        official block, up to float rounding.
         """
         batch, tokens, v_dim = v.shape
         text_len, heads, dim = l.shape[1], self.num_heads, self.head_dim
