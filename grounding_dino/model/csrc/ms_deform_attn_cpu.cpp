@@ -114,7 +114,7 @@ void forward_rows(const Inputs& in, float* __restrict__ out) {
     for (int64_t bq = begin; bq < end; ++bq) {
       const int64_t b = bq / n.Q;
       for (int64_t h = 0; h < n.H; ++h) {
-        float* __restrict__ out_row = out + (bq * n.H + h) * D;
+        float* out_row = out + (bq * n.H + h) * D;
         // A local accumulator the compiler knows aliases nothing, stored once per row.
         float local[kD > 0 ? kD : 1];
         float* __restrict__ acc = kD > 0 ? local : out_row;
