@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -104,7 +105,17 @@ inline Point locate(const Inputs& in, int64_t bq, int64_t l, int64_t point) {
 }  // namespace
 
 // Head width D is a template argument for the common widths (16 at hidden 128, 32 at hidden 256), so the channel
-// loops unroll into whole vector registers; kD = 0 handles any other width.
+// loops unroll into whole vector registers; kD = 0 handles any other width. `run(width)` receives the width as a
+// std::integral_constant.
+template <typename Run>
+void by_head_width(int64_t D, Run&& run) {
+  switch (D) {
+    case 16: run(std::integral_constant<int64_t, 16>{}); break;
+    case 32: run(std::integral_constant<int64_t, 32>{}); break;
+    default: run(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 template <int64_t kD>
 void forward_rows(const Inputs& in, float* __restrict__ out) {
   const Sizes& n = in.n;
@@ -144,11 +155,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& offsets, const at:
   const Inputs in(value, offsets, weights, reference, shapes);
   auto out = at::empty({in.n.B, in.n.Q, in.n.H * in.n.D}, value.options());  // every row is written
   float* o = out.data_ptr<float>();
-  switch (in.n.D) {
-    case 16: forward_rows<16>(in, o); break;
-    case 32: forward_rows<32>(in, o); break;
-    default: forward_rows<0>(in, o);
-  }
+  by_head_width(in.n.D, [&](auto width) { forward_rows<decltype(width)::value>(in, o); });
   return out;
 }
 
@@ -216,11 +223,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& v
   float* goff = grad_offsets.data_ptr<float>();
   float* gatt = grad_weights.data_ptr<float>();
   const float* go = grad_out.data_ptr<float>();
-  switch (in.n.D) {
-    case 16: backward_items<16>(in, go, gv, goff, gatt); break;
-    case 32: backward_items<32>(in, go, gv, goff, gatt); break;
-    default: backward_items<0>(in, go, gv, goff, gatt);
-  }
+  by_head_width(in.n.D, [&](auto width) { backward_items<decltype(width)::value>(in, go, gv, goff, gatt); });
   return {grad_value, grad_offsets, grad_weights};
 }
 
