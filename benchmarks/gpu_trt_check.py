@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from grounding_dino.config import load_experiment
-    from grounding_dino.export import export_model, sample_inputs
+    from grounding_dino.actions.export import export_model, sample_inputs
     from grounding_dino.model import build_model
     from grounding_dino.predictor import ONNX_INPUTS
 

@@ -29,9 +29,9 @@ OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extend
 
 def build(folder: Path):
     from grounding_dino.config import load_experiment
-    from grounding_dino.export import export_model, sample_inputs
+    from grounding_dino.actions.export import export_model, sample_inputs
     from grounding_dino.model import build_model
-    from grounding_dino.quantize import quant_pre_process, static_int8
+    from grounding_dino.actions.quantize import quant_pre_process, static_int8
 
     model_section = sc.experiment_spec(dict.fromkeys(("train_image_dir", "train_json_file", "label_map",
                                                       "val_image_dir", "val_json_file"), ""), str(folder))["model"]

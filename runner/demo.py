@@ -11,7 +11,7 @@
 3. A summary: time per step, the best trial's parameters and val mAP50, test mAP50 in PyTorch and ONNX Runtime,
    and per prompt how many of the inference images' objects were found (the held-out phrase included).
 
-`skillbank demo --build-base` first rebuilds the base model with its recipe (grounding_dino/base_model.py) and
+`skillbank demo --build-base` first rebuilds the base model with its recipe (runner/base_model.py) and
 installs it into grounding_dino/assets/.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def found_per_phrase(detections: List[dict], truth: dict) -> Dict[str, Dict[str,
 def ap50_by_vocabulary(per_class: List[dict]) -> Dict[str, float]:
     """Mean test AP50 of the names made only of words the base model was trained on, and of the names with a new
     word (what fine-tuning had to teach); None for a group without ground truth."""
-    from grounding_dino.base_model import read_card
+    from runner.base_model import read_card
 
     base = read_card()["data"]
     known = set(base["colors"]) | set(base["shapes"])
@@ -222,14 +222,14 @@ def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float
     """The commands that rebuild a base model from scratch after `card`: every stage in order, each for the number
     of epochs it ran (its time budget was for its own device; epochs are the same work on any), each continuing from
     the one before. A one-stage card's settings can be overridden."""
-    from grounding_dino.base_model import RECIPE_OPTIONS, card_stages
+    from runner.base_model import RECIPE_OPTIONS, card_stages
 
     stages = card_stages(card)
     given = {"minutes": minutes, "epochs": epochs, "num_train": num_train}
     overridden = any(v is not None for v in given.values())
     if len(stages) > 1 and overridden:
         raise ValueError("the shipped base model was built in several stages; rebuild it with the card's recipe "
-                         "as is, or run `python -m grounding_dino.base_model build` yourself with your settings")
+                         "as is, or run `python -m runner.base_model build` yourself with your settings")
     commands, previous = [], None
     for number, stage in enumerate(stages, 1):
         args = dict(stage["recipe_args"])
@@ -237,7 +237,7 @@ def base_build_commands(card: Dict[str, Any], out: Path, minutes: Optional[float
             args.update(minutes=None, epochs=stage["train"]["epochs"])
         args.update({k: v for k, v in given.items() if v is not None})
         folder = out / f"stage{number}"
-        command = [sys.executable, "-m", "grounding_dino.base_model", "build", "--out", str(folder)]
+        command = [sys.executable, "-m", "runner.base_model", "build", "--out", str(folder)]
         command += [x for k in RECIPE_OPTIONS if k not in ("device", "init") and args.get(k) is not None
                     for x in (f"--{k.replace('_', '-')}", str(args[k]))]
         if previous is not None:
@@ -251,7 +251,7 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
     """Rebuild the base model with the shipped card's recipe (base_build_commands), evaluate it, install it."""
     import subprocess
 
-    from grounding_dino import base_model
+    from runner import base_model
 
     shipped = json.loads(base_model.BASE_CARD.read_text()) if base_model.BASE_CARD.is_file() else {}
     commands = base_build_commands(shipped, workspace / "base_model_build", minutes, epochs, num_train)
@@ -259,7 +259,7 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
         print(f"[demo] building the base model, stage {number}/{len(commands)}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True)
     packed = Path(commands[-1][commands[-1].index("--out") + 1]) / "base_model.pth"
-    subprocess.run([sys.executable, "-m", "grounding_dino.base_model", "card", "--model", str(packed)], check=True)
+    subprocess.run([sys.executable, "-m", "runner.base_model", "card", "--model", str(packed)], check=True)
     base_model.ASSETS.mkdir(exist_ok=True)
     for name in ("base_model.pth", "base_model.card.json"):
         shutil.copyfile(packed.parent / name, base_model.ASSETS / name)
@@ -269,7 +269,7 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
 def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = False, num_train: int = 240,
              num_val: int = 60, num_infer: int = 12, max_trials: int = 3, num_epochs: int = 1) -> Dict[str, Any]:
     """Run the whole demo; returns (and writes to <workspace>/demo_summary.json) the summary."""
-    from grounding_dino.base_model import BASE_MODEL
+    from runner.base_model import BASE_MODEL
     from sdk import SkillBank
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

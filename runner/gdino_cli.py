@@ -64,7 +64,7 @@ def find_backend(action: str) -> Tuple[Optional[Callable], str]:
     except ModuleNotFoundError as exc:
         if exc.name != "grounding_dino.actions":
             raise
-        return None, "the backend action registry grounding_dino/actions.py does not exist yet"
+        return None, "the backend action registry grounding_dino/actions/__init__.py does not exist yet"
     try:
         return actions.get_action(action), ""
     except actions.ActionError as exc:

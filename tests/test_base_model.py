@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from grounding_dino import base_model
+from runner import base_model
 from grounding_dino.config import ModelConfig, from_dict, load_experiment
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import load_weights
@@ -98,7 +98,7 @@ def test_packed_file_refuses_another_text_encoder(packed, tmp_path):
 def test_packed_file_starts_training_and_evaluation(packed, tmp_path):
     """The two other ways in: train.pretrained_model_path and evaluate.checkpoint."""
     from grounding_dino.predictor import TorchPredictor
-    from grounding_dino.train import build_module
+    from grounding_dino.actions.train import build_module
 
     model, path = packed
     spec = {"model": base_model.model_section(), "train": {"pretrained_model_path": str(path)},
@@ -121,7 +121,7 @@ def test_shipped_base_model_is_small_and_matches_its_card():
     assert card["text_encoder"] == "minilm" and card["model"] == base_model.MODEL
     assert card["data"]["seed"] == base_model.SEED and card["data"]["colors"] == list(base_model.COLORS)
     assert card["train"]["steps"] > 0 and card["train"]["seconds"] > 0
-    assert card["recipe"].startswith("python -m grounding_dino.base_model build")
+    assert card["recipe"].startswith("python -m runner.base_model build")
     stages = card.get("stages", [])
     if stages:  # built in stages: the card accounts for each, and each continued from the one before
         assert card["recipe"] == " && ".join(base_model.recipe_commands(stages))
@@ -143,7 +143,7 @@ TWO_STAGES = [
 
 def test_recipe_chains_the_stages_from_scratch():
     first, second = base_model.recipe_commands(TWO_STAGES)
-    assert first == ("python -m grounding_dino.base_model build --out stage1 --minutes 4.5 --batch-size 32 "
+    assert first == ("python -m runner.base_model build --out stage1 --minutes 4.5 --batch-size 32 "
                      "--num-train 6000 --lr 0.0005 --device cuda")
     assert second.endswith("--lr 0.0002 --text-layers 2 --device cpu --init stage1/base_model.pth")
     assert "--out stage2" in second

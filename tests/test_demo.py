@@ -41,7 +41,7 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
 
 
 def test_workflow_fine_tunes_the_base_architecture():
-    from grounding_dino.base_model import MODEL
+    from runner.base_model import MODEL
     from runner.runner_gen import load_workflow
 
     steps = load_workflow(demo.REPO_ROOT / "examples" / "demo_workflow.yaml")["steps"]

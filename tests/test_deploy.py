@@ -13,7 +13,8 @@ from onnx import TensorProto, helper
 
 from grounding_dino.config import TensorRTConfig, load_experiment
 from grounding_dino.deploy import TensorRTUnavailable
-from grounding_dino.deploy.builder import engine_profile, has_qdq, onnx_inputs, run_gen_trt_engine
+from grounding_dino.actions.gen_trt_engine import run_gen_trt_engine
+from grounding_dino.deploy.builder import engine_profile, has_qdq, onnx_inputs
 from grounding_dino.status import read_status
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()

@@ -47,7 +47,7 @@ def trained(tiny_train_spec, tmp_path_factory) -> dict:
     """One epoch of real training; returns the spec, the checkpoint and the epoch's validation KPIs."""
     import torch
 
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("trained")
@@ -63,7 +63,7 @@ def trained(tiny_train_spec, tmp_path_factory) -> dict:
 def test_evaluate_equals_the_training_validation(trained, tmp_path):
     from faster_coco_eval import COCO
 
-    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.actions.evaluate import run_evaluate
 
     # A zero mAP would make the comparison vacuous: the fixture must produce some correct detections.
     assert trained["kpi"]["val_mAP50"] > 0, "the tiny run scored no mAP50; make the fixture train longer"
@@ -90,7 +90,7 @@ def test_evaluate_equals_the_training_validation(trained, tmp_path):
 def test_evaluate_refuses_a_checkpoint_of_another_architecture(tiny_train_spec, tmp_path):
     import torch
 
-    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.actions.evaluate import run_evaluate
 
     checkpoint = tmp_path / "other.pth"
     saved = dict(config(make_spec(tiny_train_spec, tmp_path)).model.__dict__, num_queries=300)
@@ -110,7 +110,7 @@ def test_eighty_classes_run_as_several_prompts(tiny_train_spec, tmp_path):
     """All COCO category names with a 64-token text encoder: split into prompts, every class scored."""
     import torch
 
-    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.actions.evaluate import run_evaluate
     from grounding_dino.model import build_model
     from grounding_dino.model.checkpoint import native_checkpoint
     from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
@@ -178,7 +178,7 @@ def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_
     from faster_coco_eval import COCO
     from PIL import Image
 
-    from grounding_dino.inference import run_inference
+    from grounding_dino.actions.inference import run_inference
 
     images = _png_folder(trained["paths"], tmp_path / "images", 3)
     spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
@@ -232,7 +232,7 @@ def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_
 def test_images_without_detections_get_empty_labels_and_a_copy(trained, tmp_path):
     from PIL import Image, ImageChops
 
-    from grounding_dino.inference import run_inference
+    from grounding_dino.actions.inference import run_inference
 
     images = _png_folder(trained["paths"], tmp_path / "images", 2)
     spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
@@ -248,7 +248,7 @@ def test_images_without_detections_get_empty_labels_and_a_copy(trained, tmp_path
 
 
 def test_image_listing_and_output_names(tmp_path):
-    from grounding_dino.inference import list_images
+    from grounding_dino.actions.inference import list_images
 
     for folder in ("one", "two/sub"):
         (tmp_path / folder).mkdir(parents=True)
@@ -267,7 +267,7 @@ def test_image_listing_and_output_names(tmp_path):
 
 def test_kitti_line_and_phrase_colors():
     from grounding_dino.draw import phrase_colors, stable_color
-    from grounding_dino.inference import kitti_line
+    from grounding_dino.actions.inference import kitti_line
 
     line = kitti_line("red  sports car", [1, 2.5, 30.125, 40], 0.87654)
     assert line == "red_sports_car 0.00 0 0.00 1.00 2.50 30.12 40.00 0.00 0.00 0.00 0.00 0.00 0.00 0.00 0.8765"
@@ -327,7 +327,7 @@ def _order_sensitive_images(predictor, cfg, size) -> set:
     rounding changes, between two backends just as between two PyTorch runs. Such images cannot be compared."""
     import torch
 
-    from grounding_dino.inference import infer_loader, infer_phrases
+    from grounding_dino.actions.inference import infer_loader, infer_phrases
     from grounding_dino.predictor import split_prompt
 
     _, loader = infer_loader(cfg, size)
@@ -353,9 +353,9 @@ def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
     the export's fixed input size."""
     import torch
 
-    export = pytest.importorskip("grounding_dino.export", reason="grounding_dino/export.py is not built yet")
-    from grounding_dino.evaluate import run_evaluate
-    from grounding_dino.inference import run_inference
+    export = pytest.importorskip("grounding_dino.actions.export", reason="grounding_dino/actions/export.py is not built yet")
+    from grounding_dino.actions.evaluate import run_evaluate
+    from grounding_dino.actions.inference import run_inference
     from grounding_dino.predictor import OnnxPredictor, load_predictor
 
     width, height = 160, 128

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grounding_dino.config import load_experiment
-from grounding_dino.export import ExportVerificationError, export_model, run_export, sample_inputs
+from grounding_dino.actions.export import ExportVerificationError, export_model, run_export, sample_inputs
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import native_checkpoint
 from grounding_dino.model.text import sub_sentence_masks, write_small_text_encoder

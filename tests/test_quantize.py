@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from grounding_dino.config import load_experiment
-from grounding_dino.export import export_model
+from grounding_dino.actions.export import export_model
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import native_checkpoint
-from grounding_dino.quantize import MissingBackendError, calibration_feeds, run_quantize
+from grounding_dino.actions.quantize import MissingBackendError, calibration_feeds, run_quantize
 from grounding_dino.status import read_status
 
 WIDTH, HEIGHT = 160, 128

@@ -97,7 +97,7 @@ def test_bad_workflows_are_refused_with_the_key_and_the_fix(tmp_path, changes, m
 
 def test_generated_runner_runs_its_jobs(tmp_path):
     """A two-step workflow on the packaged base model and four val images, run as a plain script."""
-    from grounding_dino import base_model
+    from runner import base_model
 
     data = base_model.generate_data(tmp_path / "data", num_train=0, num_val=4)
     spec = base_model.eval_spec(data["val_image_dir"], data["val_json_file"], "${model}", "unused")

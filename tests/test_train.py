@@ -64,7 +64,7 @@ def test_unimportable_action_is_reported_as_unavailable(monkeypatch):
 
 
 def test_train_action_resolves_to_run_training():
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     assert actions.get_action("train") is run_training
 
@@ -216,7 +216,7 @@ def two_epochs(tiny_train_spec, tmp_path_factory):
     """One real 2-epoch run (8 images, batch 4: 2 steps per epoch) shared by the tests below."""
     import torch
 
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("two_epochs")
@@ -339,7 +339,7 @@ class _WeightProbe:
 
 @pytest.fixture(scope="module")
 def dry_run_frozen(tiny_train_spec, tmp_path_factory):
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     out = tmp_path_factory.mktemp("dry_run")
     spec = tiny_spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5, "train.verbose": True,
@@ -373,7 +373,7 @@ def test_freeze_keeps_prefixed_weights_and_trains_the_rest(dry_run_frozen):
 
 
 def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
-    from grounding_dino.train import build_module
+    from grounding_dino.actions.train import build_module
 
     spec = tiny_spec(tiny_train_spec, tmp_path, **{"train.freeze": ["backbone.0", "bakbone"]})
     with pytest.raises(ValueError, match=r"train.freeze\[1\] = 'bakbone' matches no parameter"):
@@ -383,7 +383,7 @@ def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
 def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, tmp_path):
     import torch
 
-    from grounding_dino.train import build_module, run_training
+    from grounding_dino.actions.train import build_module, run_training
 
     results, _ = two_epochs
     latest = results / "gdino_model_latest.pth"
@@ -407,7 +407,7 @@ def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, 
 def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):
     import torch
 
-    from grounding_dino.train import build_trainer
+    from grounding_dino.actions.train import build_trainer
 
     if torch.cuda.is_available():
         pytest.skip("FSDP is allowed on CUDA")
@@ -425,7 +425,7 @@ def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, Timer
 
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     torch.set_num_threads(2)
     val = tiny_train_spec["dataset"]["val_data_sources"]

@@ -1,4 +1,4 @@
-"""The gen_trt_engine action: an exported ONNX (the deploy contract) -> a serialized TensorRT engine.
+"""The TensorRT engine builder behind the gen_trt_engine action: an exported ONNX (the deploy contract) -> a serialized TensorRT engine.
 
 One optimization profile: the batch runs gen_trt_engine.tensorrt.min/opt/max_batch_size, every other axis is the
 ONNX's own (image height/width, text length = model.max_text_len). FP32 or FP16; INT8 engines come from a QDQ ONNX
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
-from grounding_dino.config import ExperimentConfig, TensorRTConfig
+from grounding_dino.config import TensorRTConfig
 from grounding_dino.deploy import always_strongly_typed, tensorrt
-from grounding_dino.evaluate import results_folder
-from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -146,29 +144,3 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *,
     log.info("built %s (%s, TensorRT %s, batch %s)", engine_path, options.data_type, trt.__version__,
              "/".join(str(s[0]) for s in profile.shapes["inputs"]))
     return engine_path
-
-
-def run_gen_trt_engine(cfg: ExperimentConfig) -> int:
-    """The `gen_trt_engine` action: gen_trt_engine.onnx_file -> gen_trt_engine.trt_engine (default
-    <results>/gen_trt_engine/model.engine); returns 0."""
-    options = cfg.gen_trt_engine
-    results_dir = results_folder(cfg, "gen_trt_engine")
-    status = StatusWriter(results_dir / "status.json")
-    status.write("STARTED", "Starting TensorRT engine build.")
-    try:
-        check_data_type(options.tensorrt)
-        tensorrt(options.gpu_id)
-        if not options.onnx_file or not Path(options.onnx_file).is_file():
-            raise FileNotFoundError(f"gen_trt_engine.onnx_file: {options.onnx_file} does not exist (export first)")
-        engine = Path(options.trt_engine) if options.trt_engine else results_dir / "model.engine"
-        build_engine(Path(options.onnx_file), engine, options.tensorrt, max_text_len=cfg.model.max_text_len,
-                     width=options.input_width, height=options.input_height, gpu_id=options.gpu_id,
-                     timing_cache=Path(options.timing_cache) if options.timing_cache else None,
-                     verbose=options.verbose)
-    except Exception as err:
-        status.write("FAILURE", f"Engine build failed: {type(err).__name__}: {err}", verbosity="ERROR")
-        raise
-    message = f"Built {options.tensorrt.data_type} engine {engine}."
-    print(message)
-    status.write("SUCCESS", message, trt_engine=str(engine))
-    return 0

@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _die_with_parent(args.parent_pid)
 
     from grounding_dino.config import load_experiment
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
     from runner.automl.pruning import PruningCallback
 
     spec = yaml.safe_load(args.spec.read_text())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.synthetic import render, vocabulary
 from grounding_dino.data.transforms import build_transforms
-from grounding_dino.evaluate import results_folder
+from grounding_dino.actions.evaluate import results_folder
 from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
 from grounding_dino.status import StatusWriter
 

@@ -35,7 +35,7 @@ from grounding_dino.data.captions import normalize_name
 from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.draw import draw_detections, phrase_colors
-from grounding_dino.evaluate import results_folder
+from grounding_dino.actions.evaluate import results_folder
 from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
 from grounding_dino.status import StatusWriter
 

@@ -5,10 +5,10 @@ Like a TAO user who starts from a pretrained model, the demo fine-tunes this one
 only the MiniLM layers the recipe trained are stored) with a JSON card
 (`assets/base_model.card.json`: recipe, data seed, steps, time, val mAP/mAP50, sha256). The recipe rebuilds both:
 
-    python -m grounding_dino.base_model build --out DIR [--minutes M] [--epochs N] [--batch-size B]
+    python -m runner.base_model build --out DIR [--minutes M] [--epochs N] [--batch-size B]
                                               [--num-train N] [--lr LR] [--text-layers N] [--device auto|cpu|cuda]
                                               [--init FILE]
-    python -m grounding_dino.base_model card --model DIR/base_model.pth
+    python -m runner.base_model card --model DIR/base_model.pth
 
 `build` generates the base data (8 colours x 5 shapes, seed SEED), trains from scratch with `run_training`, stops
 after N epochs or M minutes (whichever comes first), packs the final weights and writes the card without metrics.
@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+import grounding_dino
+
+# The packed model ships with the backend package (it is its pretrained weights); this module only builds it.
+ASSETS = Path(grounding_dino.__file__).resolve().parent / "assets"
 BASE_MODEL = ASSETS / "base_model.pth"
 BASE_CARD = ASSETS / "base_model.card.json"
 TEXT_ENCODER = "minilm"
@@ -178,7 +181,7 @@ def card_path(model_path: str | os.PathLike) -> Path:
 def read_card(model_path: str | os.PathLike = BASE_MODEL) -> Dict[str, Any]:
     path = card_path(model_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python -m grounding_dino.base_model card --model "
+        raise FileNotFoundError(f"{path} is missing: run `python -m runner.base_model card --model "
                                 f"{model_path}` (or the build recipe) to write it")
     return json.loads(path.read_text())
 
@@ -254,7 +257,7 @@ RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "text_la
 
 def _stage_command(args: Dict[str, Any], out: str) -> str:
     # A fixed option order: the card stores its arguments with sorted keys, and the command must read the same.
-    return f"python -m grounding_dino.base_model build --out {out} " + " ".join(
+    return f"python -m runner.base_model build --out {out} " + " ".join(
         f"--{k.replace('_', '-')} {args[k]}" for k in RECIPE_OPTIONS if args.get(k) is not None)
 
 
@@ -312,7 +315,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     import torch
 
     from grounding_dino.config import load_experiment
-    from grounding_dino.train import run_training
+    from grounding_dino.actions.train import run_training
 
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
@@ -382,7 +385,7 @@ def regenerate_val(root: str | os.PathLike, data: Dict[str, Any]) -> Dict[str, s
 def measure(model_path: str | os.PathLike, work_dir: Optional[str | os.PathLike] = None) -> Dict[str, float]:
     """COCO metrics of a packed file on the base val set regenerated from its card, through the evaluate action."""
     from grounding_dino.config import load_experiment
-    from grounding_dino.evaluate import run_evaluate
+    from grounding_dino.actions.evaluate import run_evaluate
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         paths = regenerate_val(Path(tmp) / "data", read_card(model_path)["data"])
@@ -405,7 +408,7 @@ def write_card(model_path: str | os.PathLike) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grounding_dino.base_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m runner.base_model", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="generate the base data, train from scratch, pack the weights")
     b.add_argument("--out", required=True, help="folder for the data, the training run and the packed model")

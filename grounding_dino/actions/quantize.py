@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from grounding_dino.config import ExperimentConfig, QuantizeConfig
 from grounding_dino.data import build_dataloader
-from grounding_dino.evaluate import evaluate, results_folder
+from grounding_dino.actions.evaluate import evaluate, results_folder
 from grounding_dino.predictor import ONNX_INPUTS, OnnxPredictor, Predictor, TorchPredictor, split_prompt
 from grounding_dino.status import StatusWriter
 
@@ -143,7 +143,7 @@ def _onnx_input(job: Job) -> Path:
     """quantize.model_path as an ONNX file: exported first (export section settings) when it is a checkpoint."""
     if job.model_path.suffix.lower() == ".onnx":
         return job.model_path
-    from grounding_dino.export import export_model, load_for_export
+    from grounding_dino.actions.export import export_model, load_for_export
 
     model = load_for_export(str(job.model_path), job.cfg, "quantize")
     path, _ = export_model(model, job.cfg, job.results_dir / "model.onnx")

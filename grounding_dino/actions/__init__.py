@@ -14,12 +14,12 @@ from grounding_dino.config import ACTIONS, ExperimentConfig
 Action = Callable[[ExperimentConfig], int]
 
 _REGISTRY: Dict[str, str] = {
-    "train": "grounding_dino.train:run_training",
-    "evaluate": "grounding_dino.evaluate:run_evaluate",
-    "inference": "grounding_dino.inference:run_inference",
-    "export": "grounding_dino.export:run_export",
-    "quantize": "grounding_dino.quantize:run_quantize",
-    "gen_trt_engine": "grounding_dino.deploy.builder:run_gen_trt_engine",
+    "train": "grounding_dino.actions.train:run_training",
+    "evaluate": "grounding_dino.actions.evaluate:run_evaluate",
+    "inference": "grounding_dino.actions.inference:run_inference",
+    "export": "grounding_dino.actions.export:run_export",
+    "quantize": "grounding_dino.actions.quantize:run_quantize",
+    "gen_trt_engine": "grounding_dino.actions.gen_trt_engine:run_gen_trt_engine",
 }
 
 
