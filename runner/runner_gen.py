@@ -22,13 +22,19 @@ A workflow is a chain of SDK jobs, the way an agent plans one:
 The generated file is plain Python a user can copy and edit: a `run(bank, params)` with one `submit(...)` call per
 step, a `follow` that echoes the job logs' progress lines, and a `main` with one option per param. Generating twice
 from the same workflow gives the same bytes (`--check` compares the file on disk).
+
+The runner's text lives in runner/templates/workflow_runner.py, itself a valid Python module (editors and linters
+read it): its placeholders are `__NAME__` in the docstring and the string literal `"__NAME__"` where code goes, so
+the runner's own `${name}`, braces and backslashes need no escaping; `render` substitutes them in one pass.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -41,6 +47,9 @@ STEP_KEYS = ("name", "action", "parent", "automl_policy", "spec", "overrides")
 WORKFLOW_KEYS = ("name", "description", "workspace", "params", "steps")
 PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TEMPLATE = "templates/workflow_runner.py"  # package data of `runner` (pyproject.toml), so wheels carry it
+PLACEHOLDER = re.compile(r'(?P<quote>"?)__(?P<name>[A-Z]+)__(?P=quote)')
+BODY = " " * 4  # the indentation of a statement in the runner's functions
 
 
 class WorkflowError(SkillBankError):
@@ -159,6 +168,7 @@ def literal(value: Any, indent: int, used: int = 0) -> str:
 
 
 def _call(step: Dict[str, Any]) -> str:
+    """The step's statement in `run`, less the indentation of its first line (the template's placeholder has it)."""
     args = [f'"{step["action"]}"']
     if "parent" in step:
         args.append(f'parent=jobs["{step["parent"]}"]')
@@ -167,8 +177,8 @@ def _call(step: Dict[str, Any]) -> str:
     for key in ("spec", "overrides"):
         if key in step and step[key] not in (None, {}):
             args.append(f"{key}={literal(step[key], 8, len(key) + 1)}")
-    head = f'    jobs["{step["name"]}"] = submit(bank, params, '
-    if len(head) + sum(len(a) + 2 for a in args) <= WIDTH and all("\n" not in a for a in args):
+    head = f'jobs["{step["name"]}"] = submit(bank, params, '
+    if len(BODY + head) + sum(len(a) + 2 for a in args) <= WIDTH and all("\n" not in a for a in args):
         return head + ", ".join(args) + ")"
     return head + args[0] + ",\n" + "".join(f"        {a},\n" for a in args[1:]) + "    )"
 
@@ -178,114 +188,18 @@ def _option(name: str, default: Any) -> str:
     sample = default[0] if isinstance(default, list) and default else default
     kind = {bool: "_flag", int: "int", float: "float"}.get(type(sample), "str")
     many = ", nargs=\"+\"" if isinstance(default, list) else ""
-    return (f'    parser.add_argument("--{name.replace("_", "-")}", dest="{name}", type={kind}{many}, '
+    return (f'parser.add_argument("--{name.replace("_", "-")}", dest="{name}", type={kind}{many}, '
             f'default=PARAMS["{name}"],\n                        help="default: %(default)s")')
 
 
-TEMPLATE = '''\
-#!/usr/bin/env python3
-"""{title}
-
-{description}
-
-Steps: {chain}
-
-Generated from {source} by `skillbank runner generate`: a plain script that uses only the skill bank
-SDK's public API (`sdk.SkillBank`); copy it and edit it freely. "${{name}}" in a spec value or override is replaced
-by the param `name` (its command-line option).
-
-    python {script} [--workspace DIR] [--PARAM VALUE ...]
-
-Params: {usage}.
-"""
-from __future__ import annotations
-
-import argparse
-import json
-import re
-import sys
-import time
-
-from sdk import SkillBank
-
-WORKSPACE = {workspace}
-PARAMS = {params}
-# Log lines worth echoing while a job runs: the SDK's and AutoML's tagged lines, and evaluation metrics.
-PROGRESS = re.compile(r"^(\\[(skillbank|automl)\\]|\\s*mAP(50)?: )")
-
-
-def expand(value, params):
-    """`value` with every "${{name}}" replaced by params[name]; a string that is only "${{name}}" becomes the value."""
-    if isinstance(value, dict):
-        return {{k: expand(v, params) for k, v in value.items()}}
-    if isinstance(value, list):
-        return [expand(v, params) for v in value]
-    if isinstance(value, str):
-        whole = re.fullmatch(r"\\$\\{{(\\w+)\\}}", value)
-        if whole:
-            return params[whole.group(1)]
-        return re.sub(r"\\$\\{{(\\w+)\\}}", lambda m: str(params[m.group(1)]), value)
-    return value
-
-
-def follow(bank, job_id, poll_s=1.0):
-    """Wait for a job, echoing its progress lines; return its final record."""
-    shown = 0
-    while True:
-        job = bank.status(job_id)
-        lines = bank.logs(job_id).splitlines()
-        for line in lines[shown:]:
-            if PROGRESS.match(line):
-                print(f"    {{line.strip()}}", flush=True)
-        shown = len(lines)
-        if job.status in ("done", "error", "canceled"):
-            return job
-        time.sleep(poll_s)
-
-
-def submit(bank, params, action, parent=None, automl_policy=None, spec=None, overrides=None):
-    """Create one job, follow it to the end and return its id; stop the workflow if it does not end done."""
-    started = time.monotonic()
-    job = bank.create_job(action, spec=expand(spec, params), overrides=expand(overrides or {{}}, params),
-                          parent_job_id=parent, automl_policy=automl_policy)
-    print(f"[workflow] {{action}} job {{job.id}} started" + (f" (parent {{parent}})" if parent else ""), flush=True)
-    job = follow(bank, job.id)
-    print(f"[workflow] {{action}} job {{job.id}}: {{job.status}} in {{time.monotonic() - started:.0f}} s", flush=True)
-    if job.status != "done":
-        print(bank.logs(job.id, tail=20), file=sys.stderr)
-        raise SystemExit(f"{{action}} job {{job.id}} ended {{job.status}}: {{job.error}}")
-    return job.id
-
-
-def run(bank, params):
-    """Run the steps in order; returns {{step name: job id}}."""
-    params = {{**PARAMS, **params}}
-    jobs = {{}}
-{calls}
-    return jobs
-
-
-{flag}def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\\n")[0])
-    parser.add_argument("--workspace", default=WORKSPACE, help="SDK workspace (default: %(default)s)")
-{options}
-    args = vars(parser.parse_args(argv))
-    jobs = run(SkillBank(args.pop("workspace")), args)
-    print(json.dumps(jobs, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
-
-
-# Only written when a param is a bool: argparse's type=bool would take any non-empty text as True.
-FLAG = '''def _flag(text):
-    return text.lower() in ("1", "true", "yes", "on")
-
-
-'''
+def _template(with_flag: bool) -> str:
+    """The runner template's text, less its `_flag` function and the two blank lines after it unless `with_flag`."""
+    text = resources.files("runner").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    if with_flag:
+        return text
+    flag = next(node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef) and node.name == "_flag")
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[:flag.lineno - 1] + lines[flag.end_lineno + 2:])
 
 
 def render(workflow: Dict[str, Any], source: str, script: str) -> str:
@@ -293,22 +207,24 @@ def render(workflow: Dict[str, Any], source: str, script: str) -> str:
     params = workflow["params"]
     steps = workflow["steps"]
     description = " ".join(str(workflow.get("description") or "").split())
-    return TEMPLATE.format(
-        title=f"Runner for the workflow `{workflow['name']}`.",
-        description=_wrap(description) if description else "(no description)",
-        chain=_wrap(" -> ".join(f"{s['name']} ({s['action']}" + (f", parent {s['parent']}" if "parent" in s else "")
-                                + (f", automl {s['automl_policy']}" if "automl_policy" in s else "") + ")"
-                                for s in steps) + "."),
-        source=source,
-        script=script,
-        usage=_wrap(", ".join(f"--{k.replace('_', '-')}" for k in params) or "none"),
-        workspace=_flat(workflow.get("workspace") or "workspace"),
-        params=literal(params, 0, len("PARAMS = ")),
-        calls="\n".join(_call(s) for s in steps),
-        options="\n".join(_option(k, v) for k, v in params.items()),
-        flag=FLAG if any(isinstance(v, bool) or (isinstance(v, list) and v and isinstance(v[0], bool))
-                         for v in params.values()) else "",
-    )
+    chain = " -> ".join(f"{s['name']} ({s['action']}" + (f", parent {s['parent']}" if "parent" in s else "")
+                        + (f", automl {s['automl_policy']}" if "automl_policy" in s else "") + ")" for s in steps)
+    values = {
+        "NAME": workflow["name"],
+        "DESCRIPTION": _wrap(description) if description else "(no description)",
+        "CHAIN": _wrap(chain + "."),
+        "SOURCE": source,
+        "SCRIPT": script,
+        "USAGE": _wrap(", ".join(f"--{k.replace('_', '-')}" for k in params) or "none"),
+        "WORKSPACE": _flat(workflow.get("workspace") or "workspace"),
+        "PARAMS": literal(params, 0, len("PARAMS = ")),
+        "CALLS": ("\n" + BODY).join(_call(s) for s in steps),
+        "OPTIONS": ("\n" + BODY).join(_option(k, v) for k, v in params.items()),
+    }
+    # Only a bool param needs `_flag`: argparse's type=bool would take any non-empty text as True.
+    with_flag = any(isinstance(v, bool) or (isinstance(v, list) and v and isinstance(v[0], bool))
+                    for v in params.values())
+    return PLACEHOLDER.sub(lambda m: values[m.group("name")], _template(with_flag))
 
 
 def _wrap(text: str) -> str:

@@ -79,6 +79,24 @@ def test_runner_chains_parents_and_automl_policy(tmp_path):
     assert namespace["expand"]({"a": "${epochs}", "b": ["x/${epochs}/y"]}, {"epochs": 2}) == {"a": 2, "b": ["x/2/y"]}
 
 
+def test_the_runner_template_is_python_with_only_known_placeholders():
+    text = (REPO / "runner" / runner_gen.TEMPLATE).read_text()
+    ast.parse(text)
+    names = {m.group("name") for m in runner_gen.PLACEHOLDER.finditer(text)}
+    assert names == {"NAME", "DESCRIPTION", "CHAIN", "SOURCE", "SCRIPT", "USAGE", "WORKSPACE", "PARAMS", "CALLS",
+                     "OPTIONS"}
+
+
+def test_only_a_bool_param_brings_the_flag_parser(tmp_path):
+    workflow = tiny(params={"model": "m.pth", "verbose": False, "sizes": [True]})
+    text = render(load_workflow(write(tmp_path, workflow)), "wf.yaml", "wf.py")
+    assert 'type=_flag, default=PARAMS["verbose"]' in text and 'type=_flag, nargs="+"' in text
+    namespace: dict = {}
+    exec(compile(text, "wf.py", "exec"), namespace)
+    assert namespace["_flag"]("Yes") is True and namespace["_flag"]("0") is False
+    assert "_flag" not in render(load_workflow(write(tmp_path, tiny())), "wf.yaml", "wf.py")
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"steps": [{"name": "e", "action": "evaluate", "parent": "t"}]}, "parent must be an earlier step"),
     ({"steps": [{"name": "e", "action": "evalute"}]}, "choose one of"),
