@@ -1,4 +1,5 @@
-"""`skillbank data coco2odvg|odvg2coco|contiguous|stats`: dataset conversion and statistics (sdk.data_tools).
+"""`skillbank data coco2odvg|odvg2coco|contiguous|stats`: dataset conversion (sdk.data_convert) and
+statistics (sdk.data_stats).
 
 Exit codes: 0 success, 2 a file the tools cannot read (the message names it and the fix).
 """
@@ -9,31 +10,32 @@ import json
 import sys
 from typing import List, Optional
 
-from sdk import data_tools
+from sdk.data_convert import coco_to_odvg, make_contiguous, odvg_to_coco
+from sdk.data_stats import dataset_stats
 from sdk.errors import SkillBankError
 
 
 def _coco2odvg(args) -> int:
-    jsonl, label_map = data_tools.coco_to_odvg(args.coco_file, args.out_dir, args.name)
+    jsonl, label_map = coco_to_odvg(args.coco_file, args.out_dir, args.name)
     print(jsonl)
     print(label_map)
     return 0
 
 
 def _odvg2coco(args) -> int:
-    print(data_tools.odvg_to_coco(args.odvg_file, args.label_map, args.out))
+    print(odvg_to_coco(args.odvg_file, args.label_map, args.out))
     return 0
 
 
 def _contiguous(args) -> int:
-    coco, mapping = data_tools.make_contiguous(args.coco_file, args.out)
+    coco, mapping = make_contiguous(args.coco_file, args.out)
     print(coco)
     print(mapping)
     return 0
 
 
 def _stats(args) -> int:
-    stats = data_tools.dataset_stats(args.annotation_file, args.label_map, args.text_encoder)
+    stats = dataset_stats(args.annotation_file, args.label_map, args.text_encoder)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0

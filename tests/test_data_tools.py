@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sdk import data_tools
-from sdk.data_tools import DataToolError
+from grounding_dino.formats import TokenCounter, caption_tokens
+from sdk import data_convert, data_stats
+from sdk.data_files import DataToolError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def boxes_by_image(coco: dict, names: bool = True) -> dict:
 
 def test_coco_to_odvg_writes_records_and_label_map(tmp_path):
     source = write(tmp_path / "val.json", coco_sample())
-    jsonl, label_map = data_tools.coco_to_odvg(source, tmp_path / "out")
+    jsonl, label_map = data_convert.coco_to_odvg(source, tmp_path / "out")
     assert (jsonl.name, label_map.name) == ("val_odvg.jsonl", "val_odvg_labelmap.json")
     assert json.loads(label_map.read_text()) == {"0": "person", "1": "car", "2": "traffic light"}  # id order
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -64,22 +65,22 @@ def test_coco_to_odvg_writes_records_and_label_map(tmp_path):
 
 def test_odvg_records_load_in_the_training_reader(tmp_path):
     from grounding_dino.data.errors import BoxAudit
-    from grounding_dino.data.odvg import read_label_map, read_odvg
+    from grounding_dino.data.odvg import label_names, odvg_records
 
-    jsonl, label_map = data_tools.coco_to_odvg(write(tmp_path / "val.json", coco_sample()))
+    jsonl, label_map = data_convert.coco_to_odvg(write(tmp_path / "val.json", coco_sample()))
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         (tmp_path / name).write_bytes(b"")
-    records, vocabulary = read_odvg(str(jsonl), str(tmp_path), read_label_map(str(label_map), "k"), BoxAudit(),
-                                    "k", source=0)
+    records, vocabulary = odvg_records(str(jsonl), str(tmp_path), label_names(str(label_map), "k"), BoxAudit(),
+                                       "k", source=0)
     assert vocabulary == ["person", "car", "traffic light"]
     assert [len(r["labels"]) for r in records] == [2, 3, 0]
 
 
 def test_coco_odvg_coco_round_trip_with_contiguous_ids(tmp_path):
-    coco, _ = data_tools.make_contiguous(write(tmp_path / "val.json", coco_sample()))
+    coco, _ = data_convert.make_contiguous(write(tmp_path / "val.json", coco_sample()))
     original = json.loads(coco.read_text())
-    jsonl, label_map = data_tools.coco_to_odvg(coco)
-    back = json.loads(data_tools.odvg_to_coco(jsonl, label_map).read_text())
+    jsonl, label_map = data_convert.coco_to_odvg(coco)
+    back = json.loads(data_convert.odvg_to_coco(jsonl, label_map).read_text())
     assert back["categories"] == [{"id": c["id"], "name": c["name"]} for c in original["categories"]]
     assert back["images"] == original["images"]
     got, want = boxes_by_image(back, names=False), boxes_by_image(original, names=False)
@@ -93,16 +94,16 @@ def test_coco_odvg_coco_round_trip_with_contiguous_ids(tmp_path):
 
 def test_round_trip_from_non_contiguous_ids_keeps_names_and_boxes(tmp_path):
     original = coco_sample()
-    jsonl, label_map = data_tools.coco_to_odvg(write(tmp_path / "val.json", original))
-    back = json.loads(data_tools.odvg_to_coco(jsonl, label_map, tmp_path / "back.json").read_text())
+    jsonl, label_map = data_convert.coco_to_odvg(write(tmp_path / "val.json", original))
+    back = json.loads(data_convert.odvg_to_coco(jsonl, label_map, tmp_path / "back.json").read_text())
     assert [c["id"] for c in back["categories"]] == [0, 1, 2]
     got, want = boxes_by_image(back), boxes_by_image(original)
     assert {k: [n for n, _ in v] for k, v in got.items()} == {k: [n for n, _ in v] for k, v in want.items()}
 
 
 def test_odvg_to_coco_without_label_map_uses_instance_categories(tmp_path):
-    jsonl, _ = data_tools.coco_to_odvg(write(tmp_path / "val.json", coco_sample()))
-    back = json.loads(data_tools.odvg_to_coco(jsonl).read_text())
+    jsonl, _ = data_convert.coco_to_odvg(write(tmp_path / "val.json", coco_sample()))
+    back = json.loads(data_convert.odvg_to_coco(jsonl).read_text())
     assert back["categories"] == [{"id": 0, "name": "person"}, {"id": 1, "name": "car"},
                                   {"id": 2, "name": "traffic light"}]
 
@@ -116,7 +117,7 @@ def test_grounding_odvg_to_coco(tmp_path):
     ]
     jsonl = tmp_path / "g.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    back = json.loads(data_tools.odvg_to_coco(jsonl).read_text())
+    back = json.loads(data_convert.odvg_to_coco(jsonl).read_text())
     assert back["categories"] == [{"id": 0, "name": "a dog"}, {"id": 1, "name": "ball"}]
     assert [img["id"] for img in back["images"]] == [0, 1]
     assert [(a["image_id"], a["category_id"], a["bbox"]) for a in back["annotations"]] == [
@@ -124,7 +125,7 @@ def test_grounding_odvg_to_coco(tmp_path):
 
 
 def test_make_contiguous_rewrites_ids_in_order_and_writes_the_map(tmp_path):
-    coco, mapping = data_tools.make_contiguous(write(tmp_path / "val.json", coco_sample()))
+    coco, mapping = data_convert.make_contiguous(write(tmp_path / "val.json", coco_sample()))
     assert (coco.name, mapping.name) == ("val_contiguous.json", "val_contiguous_category_map.json")
     assert json.loads(mapping.read_text()) == {"1": 0, "3": 1, "7": 2}
     data = json.loads(coco.read_text())
@@ -141,31 +142,32 @@ def test_make_contiguous_rewrites_ids_in_order_and_writes_the_map(tmp_path):
 
 def test_stats_on_a_known_file(tmp_path):
     source = write(tmp_path / "val.json", coco_sample())
-    stats = data_tools.dataset_stats(source, text_encoder="minilm")
+    stats = data_stats.dataset_stats(source, text_encoder="minilm")
     assert (stats["images"], stats["boxes"], stats["boxes_per_image_max"], stats["classes"]) == (3, 5, 3, 3)
     # image b: "person . traffic light ." = [CLS] person . traffic light . [SEP]
     assert stats["tokens_per_caption_max"] == 7
     assert stats["tokens_all_classes"] == 9  # [CLS] person . car . traffic light . [SEP]
-    jsonl, label_map = data_tools.coco_to_odvg(source)
-    assert {k: v for k, v in data_tools.dataset_stats(jsonl, label_map, "minilm").items() if k != "file"} == \
+    jsonl, label_map = data_convert.coco_to_odvg(source)
+    assert {k: v for k, v in data_stats.dataset_stats(jsonl, label_map, "minilm").items() if k != "file"} == \
         {k: v for k, v in stats.items() if k != "file"}
 
 
 def test_token_counts_match_the_real_tokenizer():
     from transformers import AutoTokenizer
 
-    from grounding_dino.data.captions import build_caption
+    from grounding_dino.formats import build_caption
 
-    vocab = data_tools.find_vocab("minilm")
+    vocab = data_stats.find_vocab("minilm")
     tokenizer = AutoTokenizer.from_pretrained(str(vocab.parent))
-    counter = data_tools.WordPieceCounter(vocab)
+    counter = TokenCounter.from_folder(vocab.parent)
     names = ["person", "hot dog", "teddy bear", "hair drier", "Café crème", "xylophonist's  kit-bag?", "北京"]
     for name in names:
         assert counter.count(name) == len(tokenizer(name, add_special_tokens=False)["input_ids"]), name
     caption, _ = build_caption(names)
-    assert data_tools.caption_tokens(names, counter) == len(tokenizer(caption)["input_ids"])
+    assert caption_tokens(counter.costs(names)) == len(tokenizer(caption)["input_ids"])
     # without a vocabulary: words and punctuation, a lower bound
-    assert data_tools.caption_tokens(["hair drier"], None) == 5 <= data_tools.caption_tokens(["hair drier"], counter)
+    estimate = TokenCounter.estimate()
+    assert caption_tokens(estimate.costs(["hair drier"])) == 5 <= caption_tokens(counter.costs(["hair drier"]))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -178,7 +180,7 @@ def test_bad_coco_is_named(tmp_path, mutate, message):
     data = coco_sample()
     mutate(data)
     with pytest.raises(DataToolError, match=message):
-        data_tools.coco_to_odvg(write(tmp_path / "bad.json", data))
+        data_convert.coco_to_odvg(write(tmp_path / "bad.json", data))
 
 
 def test_bad_odvg_is_named_by_line(tmp_path):
@@ -188,12 +190,12 @@ def test_bad_odvg_is_named_by_line(tmp_path):
                      '[{"bbox": [0, 0, 1, 1], "label": 4}]}}\n')
     label_map = write(tmp_path / "map.json", {"0": "cat"})
     with pytest.raises(DataToolError, match=r"bad.jsonl line 3 detection.instances\[0\]: label 4 is not in the label"):
-        data_tools.odvg_to_coco(jsonl, label_map)
+        data_convert.odvg_to_coco(jsonl, label_map)
     with pytest.raises(DataToolError, match="line 3 detection.instances.0.: no label map was given"):
-        data_tools.odvg_to_coco(jsonl)
+        data_convert.odvg_to_coco(jsonl)
     jsonl.write_text("{not json\n")
     with pytest.raises(DataToolError, match="bad.jsonl line 1: not valid JSON"):
-        data_tools.dataset_stats(jsonl)
+        data_stats.dataset_stats(jsonl)
 
 
 def test_cli_runs_the_tools_and_exits_2_on_bad_input(tmp_path):
@@ -208,5 +210,5 @@ def test_cli_runs_the_tools_and_exits_2_on_bad_input(tmp_path):
     done = subprocess.run(run + ["contiguous", str(tmp_path / "missing.json")], cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 2 and "missing.json does not exist" in done.stderr
-    code = "import sys, sdk.data_tools, runner.data_cli; assert 'torch' not in sys.modules"
+    code = "import sys, sdk.data_convert, sdk.data_stats, runner.data_cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,4 +1,6 @@
-"""Data pipeline: ODVG/COCO readers, captions, augmentation, batching, and the synthetic shapes set.
+"""Data pipeline: ODVG/COCO sources as records, captions, augmentation, batching, and the synthetic shapes set.
+
+The file formats themselves are read by grounding_dino.formats, which the SDK shares.
 
 `DataError`, `DataWarning`, `build_caption` and the synthetic generator import without torch; the dataset and
 loader names load torch on first use.
@@ -7,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .captions import build_caption
+from ..formats import build_caption
 from .errors import DataError, DataWarning
 
 _LAZY = {

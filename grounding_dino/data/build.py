@@ -6,10 +6,10 @@ import warnings
 from typing import List, Optional, Sequence, Tuple
 
 from ..config import ExperimentConfig
-from .coco import read_coco
+from .coco import coco_records
 from .dataset import GroundingDataset, TrainCaptions
 from .errors import BoxAudit, DataError, DataWarning
-from .odvg import read_label_map, read_odvg
+from .odvg import label_names, odvg_records
 from .records import Record, store_records
 from .tokens import TokenBudget
 from .transforms import build_transforms
@@ -51,7 +51,7 @@ def build_dataset(
         _check_paths(key, source.json_file, source.image_dir)
         if not source.json_file.endswith(".json"):
             raise DataError(f"{key}.json_file: {source.json_file} must be a COCO .json file")
-        records, names = read_coco(source.json_file, source.image_dir, audit, source=0, contiguous_ids=True)
+        records, names = coco_records(source.json_file, source.image_dir, audit, source=0, contiguous_ids=True)
         vocabularies = [tuple(names)]
     if not records:
         raise DataError(f"{key}: the annotations list no images")
@@ -79,12 +79,12 @@ def _read_train_sources(sources, audit: BoxAudit, key: str):
         skey = f"{key}[{i}]"
         _check_paths(skey, source.json_file, source.image_dir)
         if source.json_file.endswith(".jsonl"):
-            label_map = read_label_map(source.label_map, skey) if source.label_map else None
-            part, vocabulary = read_odvg(source.json_file, source.image_dir, label_map, audit, skey, source=i)
+            label_map = label_names(source.label_map, skey) if source.label_map else None
+            part, vocabulary = odvg_records(source.json_file, source.image_dir, label_map, audit, skey, source=i)
         elif source.json_file.endswith(".json"):
             if source.label_map:
                 raise DataError(f"{skey}.label_map: a COCO json_file names its own categories; remove label_map")
-            part, vocabulary = read_coco(source.json_file, source.image_dir, audit, source=i, contiguous_ids=False)
+            part, vocabulary = coco_records(source.json_file, source.image_dir, audit, source=i, contiguous_ids=False)
         else:
             raise DataError(f"{skey}.json_file: {source.json_file} must be ODVG (.jsonl) or COCO (.json)")
         records += part

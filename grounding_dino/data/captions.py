@@ -1,35 +1,12 @@
-"""Captions: names joined as "a . b . c ." with each name's character span, and per-image name sampling."""
+"""Per-image name sampling for training captions; the captions themselves are built by grounding_dino.formats."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-SEPARATOR = " . "
-TERMINATOR = " ."
-
-
-def normalize_name(name: str) -> str:
-    return name.strip().lower()
-
-
-def build_caption(names: Sequence[str]) -> Tuple[str, List[Tuple[int, int]]]:
-    """Join names (lower-cased, stripped) into a caption and return each name's (start, end) character span.
-
-    Spans are recorded while joining, so a name that also occurs inside an earlier name ("car" after "race car")
-    still points at its own position rather than at the first substring match.
-    """
-    parts: List[str] = []
-    spans: List[Tuple[int, int]] = []
-    start = 0
-    for name in names:
-        part = normalize_name(name)
-        if not part:
-            raise ValueError(f"empty name in caption names {list(names)!r}")
-        parts.append(part)
-        spans.append((start, start + len(part)))
-        start += len(part) + len(SEPARATOR)
-    return SEPARATOR.join(parts) + TERMINATOR, spans
+# The predictor and the inference action import these two from here.
+from ..formats.captions import build_caption, normalize_name  # noqa: F401
 
 
 def sample_names(

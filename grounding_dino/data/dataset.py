@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .captions import build_caption, sample_names
+from ..formats import build_caption
+from .captions import sample_names
 from .errors import DataError
 from .records import Record
 from .tokens import TokenBudget

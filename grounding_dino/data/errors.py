@@ -24,10 +24,9 @@ class BoxAudit:
     def clean(self, box: Sequence[float], width: int, height: int, where: str) -> Optional[Tuple[float, ...]]:
         """Return the box (x1, y1, x2, y2) clamped to the image, or None when it has to be dropped.
 
-        `where` names the record ("file a.jsonl line 7") for errors and for the summary line.
+        `box` is 4 numbers (the format readers check that); `where` names the record ("file a.jsonl line 7") for
+        the summary line.
         """
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and v == v for v in box):
-            raise DataError(f"{where}: bbox must be 4 numbers [x1, y1, x2, y2], got {list(box)!r}")
         x1, y1, x2, y2 = (float(v) for v in box)
         if x2 <= x1 or y2 <= y1:
             return self._drop("zero-area", where)

@@ -1,16 +1,14 @@
-"""Token counts of caption names, so captions can be checked against max_text_len without the tokenizer.
+"""Token counts of caption names by the model's own tokenizer, so captions can be checked against max_text_len.
 
 With a WordPiece tokenizer (BERT, MiniLM) text is split at spaces and punctuation before word pieces are formed,
-so the caption "a . b ." costs [CLS] + tokens("a .") + tokens("b .") + [SEP]. Each name is tokenized once at
-dataset build time; workers then only add up integers.
+so the caption "a . b ." costs [CLS] + tokens("a .") + tokens("b .") + [SEP] (grounding_dino.formats.caption_tokens).
+Each name is tokenized once at dataset build time; workers then only add up integers.
 """
 from __future__ import annotations
 
 from typing import Dict, Iterable, Sequence
 
-from .captions import TERMINATOR
-
-SPECIAL_TOKENS = 2  # [CLS] and [SEP]
+from ..formats import SPECIAL_TOKENS, TERMINATOR, caption_tokens
 
 
 class TokenBudget:
@@ -31,7 +29,7 @@ class TokenBudget:
         return cls(costs, limit)
 
     def count(self, names: Sequence[str]) -> int:
-        return SPECIAL_TOKENS + sum(self.costs[name] for name in names)
+        return caption_tokens(self.costs[name] for name in names)
 
     def fits(self, names: Sequence[str]) -> bool:
         return self.count(names) <= self.limit

@@ -13,6 +13,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+# Callers build the caption and its phrase spans next to the tokenizer that maps them; one definition serves both.
+from grounding_dino.formats import build_caption  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 MINILM = "minilm"
@@ -84,16 +87,6 @@ def normalize_caption(caption: str) -> str:
     """Official caption rule: lower case, stripped, ending in '.' (a ' .' is appended when it does not)."""
     caption = caption.lower().strip()
     return caption if caption.endswith(".") else caption + " ."
-
-
-def build_caption(names: Sequence[str]) -> Tuple[str, List[Tuple[int, int]]]:
-    """Join phrases as 'a . b .' and return the caption with each phrase's (start, end) character span."""
-    caption, spans = "", []
-    for name in names:
-        name = name.lower().strip()
-        spans.append((len(caption), len(caption) + len(name)))
-        caption += name + " . "
-    return caption.rstrip(), spans
 
 
 class CaptionTokenizer:
