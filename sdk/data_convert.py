@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from grounding_dino.formats import normalize_name
-from sdk.data_files import DataToolError, PathLike, detection_label, read_coco, read_label_map, read_odvg
+from grounding_dino.formats import normalize_name, read_coco, read_label_map, read_odvg
+from sdk.data_files import DataToolError, PathLike, detection_label, reading
 
 
 def _write_json(path: Path, data: Any, lines: bool = False) -> Path:
@@ -36,7 +36,8 @@ def coco_to_odvg(coco_file: PathLike, out_dir: Optional[PathLike] = None,
 
     Returns (jsonl path, label map path)."""
     coco_file = Path(coco_file)
-    data = read_coco(coco_file)
+    with reading(coco_file):
+        data = read_coco(coco_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     label_of = {c["id"]: i for i, c in enumerate(categories)}
     instances: Dict[Any, List[dict]] = {img["id"]: [] for img in data["images"]}
@@ -61,25 +62,29 @@ def odvg_to_coco(odvg_file: PathLike, label_map: Optional[PathLike] = None,
     """Write a COCO file (default `<odvg stem>_coco.json` beside the input). Detection records need `label_map`
     or a 'category' name on every instance; grounding phrases become categories after the label-map names."""
     odvg_file = Path(odvg_file)
-    names: Dict[int, str] = dict(sorted(read_label_map(label_map).items())) if label_map else {}
+    names: Dict[int, str] = {}
+    if label_map:
+        with reading(label_map):
+            names = dict(sorted(read_label_map(label_map).items()))
     from_map = bool(names)
     phrase_ids: Dict[str, int] = {}
     images, annotations = [], []
-    for record in read_odvg(odvg_file):
-        where = f"{odvg_file} line {record.line}"
-        image_id = len(images) if record.image_id is None else record.image_id
-        images.append({"id": image_id, "file_name": record.file_name, "height": record.height,
-                       "width": record.width})
-        for i, region in enumerate(record.regions):
-            if record.kind == "detection":
-                category = detection_label(region, names, from_map, f"{where} detection.instances[{i}]")
-            else:
-                phrase = normalize_name(region["phrase"])
-                phrase_ids.setdefault(phrase, len(phrase_ids))
-                category = ("phrase", phrase)
-            x1, y1, x2, y2 = region["bbox"]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    with reading(odvg_file):
+        for record in read_odvg(odvg_file):
+            where = f"{odvg_file} line {record.line}"
+            image_id = len(images) if record.image_id is None else record.image_id
+            images.append({"id": image_id, "file_name": record.file_name, "height": record.height,
+                           "width": record.width})
+            for i, region in enumerate(record.regions):
+                if record.kind == "detection":
+                    category = detection_label(region, names, from_map, f"{where} detection.instances[{i}]")
+                else:
+                    phrase = normalize_name(region["phrase"])
+                    phrase_ids.setdefault(phrase, len(phrase_ids))
+                    category = ("phrase", phrase)
+                x1, y1, x2, y2 = region["bbox"]
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     if len({img["id"] for img in images}) != len(images):
         raise DataToolError(f"{odvg_file}: image_id values repeat; give every record a unique image_id")
     # Grounding phrases that are not label-map names get ids after the largest label.
@@ -102,7 +107,8 @@ def make_contiguous(coco_file: PathLike, out_file: Optional[PathLike] = None) ->
     """Renumber category ids 0..N-1 in id order and rewrite the annotations. Writes the new COCO file (default
     `<stem>_contiguous.json`) and `<its stem>_category_map.json` ({"old id": new id}); returns both paths."""
     coco_file = Path(coco_file)
-    data = read_coco(coco_file)
+    with reading(coco_file):
+        data = read_coco(coco_file)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     new_id = {c["id"]: i for i, c in enumerate(categories)}
     data["categories"] = [dict(c, id=new_id[c["id"]]) for c in categories]

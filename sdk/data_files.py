@@ -2,10 +2,11 @@
 pipeline and preflight use too), with every problem reported as a DataToolError that names the file and the place."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Union
 
-from grounding_dino import formats
+from grounding_dino.formats import FormatError
 from sdk.errors import SkillBankError
 
 PathLike = Union[str, Path]
@@ -15,30 +16,14 @@ class DataToolError(SkillBankError):
     """A dataset file the tools cannot read; the message names the file, the record and the fix."""
 
 
-def read_coco(path: PathLike) -> Dict[str, Any]:
+@contextmanager
+def reading(path: PathLike) -> Iterator[None]:
+    """Around the grounding_dino.formats readers of `path` (an ODVG loop included): their errors as DataToolError."""
     try:
-        return formats.read_coco(path)
+        yield
     except FileNotFoundError:
         raise DataToolError(f"{path} does not exist") from None
-    except formats.FormatError as e:
-        raise DataToolError(str(e)) from None
-
-
-def read_label_map(path: PathLike) -> Dict[int, str]:
-    try:
-        return formats.read_label_map(path)
-    except FileNotFoundError:
-        raise DataToolError(f"{path} does not exist") from None
-    except formats.FormatError as e:
-        raise DataToolError(str(e)) from None
-
-
-def read_odvg(path: PathLike) -> Iterator[formats.OdvgRecord]:
-    try:
-        yield from formats.read_odvg(path)
-    except FileNotFoundError:
-        raise DataToolError(f"{path} does not exist") from None
-    except formats.FormatError as e:
+    except FormatError as e:
         raise DataToolError(str(e)) from None
 
 

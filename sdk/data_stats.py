@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from grounding_dino.formats import TokenCounter, caption_tokens, minilm_folder, normalize_name
-from sdk.data_files import DataToolError, PathLike, detection_label, read_coco, read_label_map, read_odvg
+from grounding_dino.formats import (TokenCounter, caption_tokens, minilm_folder, normalize_name, read_coco,
+                                    read_label_map, read_odvg)
+from sdk.data_files import DataToolError, PathLike, detection_label, reading
 
 
 def find_vocab(text_encoder: PathLike) -> Path:
@@ -34,7 +35,8 @@ def find_vocab(text_encoder: PathLike) -> Path:
 def _image_names(path: Path, label_map: Optional[PathLike]) -> Tuple[List[List[str]], List[str]]:
     """Per image the names of its boxes, and every class name, from a COCO or ODVG file."""
     if path.suffix == ".json":
-        data = read_coco(path)
+        with reading(path):
+            data = read_coco(path)
         name_of = {c["id"]: c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])}
         per_image: Dict[Any, List[str]] = {img["id"]: [] for img in data["images"]}
         for ann in data["annotations"]:
@@ -43,18 +45,22 @@ def _image_names(path: Path, label_map: Optional[PathLike]) -> Tuple[List[List[s
         return list(per_image.values()), list(name_of.values())
     if path.suffix != ".jsonl":
         raise DataToolError(f"{path}: expected COCO (.json) or ODVG (.jsonl)")
-    names = dict(sorted(read_label_map(label_map).items())) if label_map else {}
+    names: Dict[int, str] = {}
+    if label_map:
+        with reading(label_map):
+            names = dict(sorted(read_label_map(label_map).items()))
     per_image_list: List[List[str]] = []
     classes = dict.fromkeys(names.values())  # an ordered set: label-map names, then phrases as they appear
-    for record in read_odvg(path):
-        where = f"{path} line {record.line}"
-        if record.kind == "detection":
-            boxes = [names[detection_label(region, names, bool(label_map), f"{where} detection.instances[{i}]")]
-                     for i, region in enumerate(record.regions)]
-        else:
-            boxes = [normalize_name(region["phrase"]) for region in record.regions]
-        per_image_list.append(boxes)
-        classes.update(dict.fromkeys(list(names.values()) + boxes))
+    with reading(path):
+        for record in read_odvg(path):
+            where = f"{path} line {record.line}"
+            if record.kind == "detection":
+                boxes = [names[detection_label(region, names, bool(label_map), f"{where} detection.instances[{i}]")]
+                         for i, region in enumerate(record.regions)]
+            else:
+                boxes = [normalize_name(region["phrase"]) for region in record.regions]
+            per_image_list.append(boxes)
+            classes.update(dict.fromkeys(list(names.values()) + boxes))
     return per_image_list, list(classes)
 
 

@@ -152,7 +152,7 @@ def _coco(path: Path, key: str, findings: list[Finding], check_ids: bool) -> Opt
     except NotJson as exc:
         raise _unreadable(exc, key, "repair the file (is it truncated, or JSON lines given as .json?).")
     except FormatError as exc:
-        findings.append(_error("coco_invalid", key, f"{exc.where}: {exc.problem}.",
+        findings.append(_error("coco_invalid", key, f"{exc.place + ': ' if exc.place else ''}{exc.problem}.",
                                "give COCO JSON with images, annotations and categories.", path))
         return None
     per_image = Counter(a["image_id"] for a in data["annotations"])

@@ -20,13 +20,18 @@ class FormatError(ValueError):
         super().__init__(f"{self.where}: {problem}")
 
     @property
-    def where(self) -> str:
-        where = self.path + (f" line {self.line}" if self.line is not None else "")
+    def place(self) -> str:
+        """Where in the file, without the path: "line 3", "annotations[3] (id 7)", or "" for the whole file."""
+        parts = [f"line {self.line}"] if self.line is not None else []
         if self.section is not None:
-            where += f" {self.section}" + (f"[{self.index}]" if self.index is not None else "")
+            parts.append(self.section + (f"[{self.index}]" if self.index is not None else ""))
             if self.section == "annotations":
-                where += f" (id {self.entry_id})"
-        return where
+                parts.append(f"(id {self.entry_id})")
+        return " ".join(parts)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path} {self.place}" if self.place else self.path
 
 
 class NotJson(FormatError):
