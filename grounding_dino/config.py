@@ -8,7 +8,10 @@ It imports no torch: the SDK reads it to validate requests before anything heavy
 
 Each leaf is declared with `param(...)`, which stores its metadata in `dataclasses.field(metadata=...)`:
   description, minimum/maximum (validation bounds), options (allowed values), popular,
-  and `automl=AutoML(...)` (search-space metadata, emitted as the schema extension key `x-automl`).
+  `automl=AutoML(...)` (search-space metadata, emitted as the schema extension key `x-automl`), and
+  `structural=True` (emitted as `x-structural`): the setting shapes the weights or how they are read, so a checkpoint
+  only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
+  parent job), the checkpoint loader and AutoML (never searched by default).
 Where NVIDIA TAO's schema default differs from its runtime default, the runtime value is used here
 (see ../shared/reference/grounding-dino.md, "Traps" 3).
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ACTIONS = ("train", "evaluate", "inference", "export", "quantize", "gen_trt_engine")
 # TensorRT actions run from the deploy templates; they reuse the sections of their PyTorch twins.
@@ -83,6 +86,7 @@ def param(
     popular: bool = False,
     automl: Optional[AutoML] = None,
     display_name: Optional[str] = None,
+    structural: bool = False,
 ):
     """Declare a spec leaf with its metadata. Mutable defaults are copied per instance."""
     metadata = {
@@ -94,6 +98,7 @@ def param(
         "popular": popular,
         "automl": automl,
         "display_name": display_name,
+        "structural": structural,
     }
     if isinstance(default, (list, dict)):
         frozen = default
@@ -205,11 +210,13 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     pretrained_backbone_path: Optional[str] = param(None, "Backbone-only weights (.pth); ignored when resuming.")
-    backbone: str = param("swin_tiny_224_1k", "Image backbone.", options=BACKBONES, popular=True)
-    num_queries: int = param(900, "Object queries (must exceed the most boxes in one image).", minimum=1, popular=True)
-    num_feature_levels: int = param(4, "Multi-scale feature levels.", minimum=1, maximum=5)
+    backbone: str = param("swin_tiny_224_1k", "Image backbone.", options=BACKBONES, popular=True, structural=True)
+    num_queries: int = param(900, "Object queries (must exceed the most boxes in one image).", minimum=1, popular=True,
+                             structural=True)
+    num_feature_levels: int = param(4, "Multi-scale feature levels.", minimum=1, maximum=5, structural=True)
     return_interm_indices: List[int] = param(
-        [1, 2, 3, 4], "Backbone stages used as feature levels (4 = extra stride-2 level synthesised)."
+        [1, 2, 3, 4], "Backbone stages used as feature levels (4 = extra stride-2 level synthesised).",
+        structural=True,
     )
     train_backbone: bool = param(True, "Train the backbone (otherwise its weights are frozen).")
     backbone_norm: str = param(
@@ -222,30 +229,33 @@ class ModelConfig:
         "bert-base-uncased",
         "BERT-family text encoder: a Hugging Face id available offline, a local folder, or 'minilm' for the packaged"
         " all-MiniLM-L6-v2 (pip extra 'demo').",
-        popular=True,
+        popular=True, structural=True,
     )
     max_text_len: int = param(256, "Text tokens per caption (logits and positive maps have this width).", minimum=8,
-                              maximum=512)
-    hidden_dim: int = param(256, "Transformer width.", minimum=8)
-    nheads: int = param(8, "Attention heads.", minimum=1)
+                              maximum=512, structural=True)
+    hidden_dim: int = param(256, "Transformer width.", minimum=8, structural=True)
+    nheads: int = param(8, "Attention heads.", minimum=1, structural=True)
     enc_layers: int = param(
-        6, "Feature-enhancer layers.", minimum=1, maximum=12,
+        6, "Feature-enhancer layers.", minimum=1, maximum=12, structural=True,
         automl=AutoML(enabled=False, valid_min=1, valid_max=6),
     )
     dec_layers: int = param(
-        6, "Decoder layers.", minimum=1, maximum=12,
+        6, "Decoder layers.", minimum=1, maximum=12, structural=True,
         automl=AutoML(enabled=False, valid_min=1, valid_max=6),
     )
-    dim_feedforward: int = param(2048, "FFN width in encoder and decoder.", minimum=8)
-    enc_n_points: int = param(4, "Deformable sampling points per level in the encoder.", minimum=1)
-    dec_n_points: int = param(4, "Deformable sampling points per level in the decoder.", minimum=1)
+    dim_feedforward: int = param(2048, "FFN width in encoder and decoder.", minimum=8, structural=True)
+    enc_n_points: int = param(4, "Deformable sampling points per level in the encoder.", minimum=1,
+                              structural=True)
+    dec_n_points: int = param(4, "Deformable sampling points per level in the decoder.", minimum=1,
+                              structural=True)
     dropout_ratio: float = param(0.0, "Dropout in transformer layers.", minimum=0.0, maximum=1.0)
     fusion_droppath: float = param(0.1, "Drop-path rate of the image-text fusion layers.", minimum=0.0, maximum=1.0)
     two_stage_type: str = param("standard", "Query selection: standard (language-guided) or no.",
-                                options=("standard", "no"))
-    embed_init_tgt: bool = param(True, "Learned content queries (tgt_embed).")
-    pe_temperatureH: int = param(20, "Sine positional-encoding temperature (height).", minimum=1)
-    pe_temperatureW: int = param(20, "Sine positional-encoding temperature (width).", minimum=1)
+                                options=("standard", "no"), structural=True)
+    embed_init_tgt: bool = param(True, "Learned content queries (tgt_embed).", structural=True)
+    # No weights, but the trained layers expect the encoding they were trained with.
+    pe_temperatureH: int = param(20, "Sine positional-encoding temperature (height).", minimum=1, structural=True)
+    pe_temperatureW: int = param(20, "Sine positional-encoding temperature (width).", minimum=1, structural=True)
     aux_loss: bool = param(True, "Losses on every decoder layer.")
     num_select: int = param(
         300, "Detections kept per image after top-k over queries x phrases.", minimum=1, maximum=1000,
@@ -266,9 +276,11 @@ class ModelConfig:
     bbox_loss_coef: float = param(5.0, "Loss weight: L1 box.", minimum=0.0)
     giou_loss_coef: float = param(2.0, "Loss weight: GIoU.", minimum=0.0)
     log_scale: Optional[str] = param(
-        None, "Contrastive-head scale: null (none), 'auto' (1/sqrt(hidden)), or a float as a string (learnable)."
+        None, "Contrastive-head scale: null (none), 'auto' (1/sqrt(hidden)), or a float as a string (learnable).",
+        structural=True,
     )
-    class_embed_bias: bool = param(False, "Learnable bias in the contrastive head, initialised to -log(99).")
+    class_embed_bias: bool = param(False, "Learnable bias in the contrastive head, initialised to -log(99).",
+                                   structural=True)
     loss_types: List[str] = param(["labels", "boxes"], "Loss terms.")
     backbone_names: List[str] = param(["backbone.0", "bert"], "Parameter-name prefixes trained at lr_backbone.")
     linear_proj_names: List[str] = param(
@@ -546,6 +558,21 @@ ACTION_SECTIONS: Dict[str, tuple] = {
     "quantize": ("model", "dataset", "quantize", "evaluate"),
     "gen_trt_engine": ("model", "dataset", "gen_trt_engine"),
 }
+
+
+def structural_keys() -> Tuple[str, ...]:
+    """Dotted keys declared with `structural=True`, in declaration order: the settings a checkpoint must agree on."""
+    return _structural_under(ExperimentConfig, "")
+
+
+def _structural_under(cls, prefix: str) -> Tuple[str, ...]:
+    keys: List[str] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            keys += _structural_under(_nested_type(cls, f), f"{prefix}{f.name}.")
+        elif f.metadata.get("structural"):
+            keys.append(prefix + f.name)
+    return tuple(keys)
 
 
 # ----------------------------------------------------------------------------------------------------------------

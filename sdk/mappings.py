@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
+from grounding_dino.config import structural_keys
 from sdk.errors import SkillBankError
 from sdk.spec import get_path, set_path
 
@@ -28,13 +29,9 @@ BEST_MODEL = "best_model"
 BEST_AUTOML = "best_automl.json"
 ENCRYPTION_KEY_ENV = "SKILLBANK_ENCRYPTION_KEY"
 
-# Settings that shape the weights: a checkpoint only loads into a model built the same way. They are carried from
-# the parent job's spec and a request may not contradict them.
-STRUCTURAL_KEYS = tuple(f"model.{k}" for k in (
-    "backbone", "num_queries", "num_feature_levels", "return_interm_indices", "hidden_dim", "nheads",
-    "dim_feedforward", "enc_layers", "dec_layers", "enc_n_points", "dec_n_points", "two_stage_type",
-    "max_text_len", "text_encoder_type", "log_scale", "class_embed_bias",
-))
+# Settings that shape the weights (marked in grounding_dino/config.py): a checkpoint only loads into a model built the
+# same way. They are carried from the parent job's spec and a request may not contradict them.
+STRUCTURAL_KEYS = structural_keys()
 # Carried too, but a request may change it: it only sets how many detections post-processing keeps.
 CARRIED_KEYS = ("model.num_select",)
 CARRY_ACTIONS = ("evaluate", "inference", "export", "quantize", "gen_trt_engine")

@@ -1,7 +1,8 @@
 """Generate per-action JSON Schemas, the manifest and spec templates from grounding_dino/config.py.
 
 The schema of a key is read off its dataclass field: the type hint gives the JSON type, `param(...)` metadata gives
-description, bounds, enum, popularity and AutoML search metadata (`x-automl`), and the dataclass default gives
+description, bounds, enum, popularity, AutoML search metadata (`x-automl`) and the structural mark
+(`x-structural`: a checkpoint only loads into a model built with the same value), and the dataclass default gives
 `default`. Output is deterministic (sorted keys, fixed float formatting, final newline), so regenerating an unchanged
 config rewrites identical bytes and `check` can compare files byte for byte.
 
@@ -82,6 +83,8 @@ def _field_schema(f: dataclasses.Field, hint: Any) -> Dict[str, Any]:
         schema["x-popular"] = True
     if meta.get("automl") is not None:
         schema["x-automl"] = {**meta["automl"].to_schema(), "popular": bool(meta.get("popular"))}
+    if meta.get("structural"):
+        schema["x-structural"] = True
     return schema
 
 

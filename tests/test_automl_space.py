@@ -170,6 +170,17 @@ def test_default_space_of_the_train_schema_leaves_out_keys_that_cannot_matter():
     assert set(excluded) <= set(EXCLUSION_RULES)
 
 
+def test_a_structural_key_made_searchable_is_left_out_of_the_default_search():
+    schema = load_train_schema()
+    hidden = schema["properties"]["model"]["properties"]["hidden_dim"]
+    assert hidden["x-structural"] is True and "x-automl" not in hidden
+    hidden["x-automl"] = {"enabled": True, "valid_options": [128, 256]}
+    schema["automl_default_parameters"].append("model.hidden_dim")
+    space = build_search_space(default_spec(), schema)
+    assert "model.hidden_dim" not in space.keys
+    assert dict(space.excluded)["model.hidden_dim"].startswith("structural:")
+
+
 def test_the_rules_follow_the_spec():
     spec = default_spec()
     spec["train"]["optim"]["lr_scheduler"] = "StepLR"

@@ -1,6 +1,7 @@
 """Mapping functions on real job folders: parent_model, resume_model, ptm_if_no_resume_model, carried settings."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -180,3 +181,21 @@ def test_engine_parent_selects_the_deploy_mapping(workspace, tiny_data):
     assert child.record["deploy"] is True
     assert spec["evaluate"]["trt_engine"] == str(engine.path / "results" / "gen_trt_engine" / "model.engine")
     assert spec["evaluate"]["input_width"] == 960 and spec["model"]["num_queries"] == 900
+
+
+@pytest.mark.parametrize("action", ["evaluate", "inference", "export"])
+def test_embed_init_tgt_carried_and_conflict_refused(workspace, tiny_data, action):
+    # Without learned content queries the model has no transformer.tgt_embed: a child built with the default would
+    # pass job creation and fail when it loads the parent's checkpoint.
+    bank = SkillBank(workspace)
+    parent = _finished_train(bank, tiny_data, **{"model.embed_init_tgt": False})
+    spec = copy.deepcopy(tiny_data["spec"])
+    spec["dataset"]["infer_data_sources"] = {"image_dir": [str(tiny_data["root"] / "images")], "captions": ["cat"]}
+    child = bank.create_job(action, spec=spec, parent_job_id=parent.id, start=False)
+    assert _spec(child)["model"]["embed_init_tgt"] is False
+    assert "model.embed_init_tgt" in child.record["carried"]
+    before = _job_count(workspace)
+    with pytest.raises(SkillBankError, match=r"model\.embed_init_tgt=True \(parent model\.embed_init_tgt=False\)"):
+        bank.create_job(action, spec=spec, parent_job_id=parent.id, start=False,
+                        overrides={"model.embed_init_tgt": True})
+    assert _job_count(workspace) == before

@@ -16,6 +16,8 @@ from typing import Dict, List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from grounding_dino.config import structural_keys
+
 from .backbone import native_swin_key, official_swin_key
 
 StateDict = Dict[str, Tensor]
@@ -23,10 +25,12 @@ TAO_PREFIX = "model.model."
 # Never used by the architecture: safe to drop from any source.
 UNUSED = re.compile(r"(^bert\.pooler\.|^bert\.embeddings\.position_ids$|^label_enc\.|relative_position_index$|"
                     r"\.attn_mask$|num_batches_tracked$|^backbone\.0\.norm$|^backbone\.0\.norm\.)")
-# Settings that change parameter shapes or how the weights are read; a checkpoint must agree on all of them.
-STRUCTURAL_KEYS = ("backbone", "num_queries", "num_feature_levels", "return_interm_indices", "max_text_len",
-                   "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "enc_n_points",
-                   "dec_n_points", "two_stage_type", "embed_init_tgt", "class_embed_bias")
+# Settings that change parameter shapes or how the weights are read (marked in grounding_dino/config.py); a checkpoint
+# must agree on all of them. Two are not compared as values: log_scale is compared by kind (a learnable scale's start
+# value is not structural), and text_encoder_type names a folder that differs between machines holding the same
+# encoder, so the text encoder's weight shapes and a packed file's declared encoder (_external_text_encoder) decide.
+STRUCTURAL_KEYS = tuple(k[len("model."):] for k in structural_keys() if k.startswith("model."))
+_COMPARED_APART = ("log_scale", "text_encoder_type")
 
 
 @dataclass
@@ -230,6 +234,8 @@ def config_conflicts(saved_model_config: dict, cfg) -> List[str]:
     current = dataclasses.asdict(cfg)
     lines = []
     for key in STRUCTURAL_KEYS:
+        if key in _COMPARED_APART:
+            continue
         if key in saved_model_config and saved_model_config[key] != current[key]:
             lines.append(f"model.{key}: checkpoint {saved_model_config[key]!r}, spec {current[key]!r}")
     from .head import parse_log_scale

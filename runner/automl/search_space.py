@@ -3,8 +3,9 @@
 Everything comes from the train schema, never from a second list in code: the schema's `automl_default_parameters`
 (or the user's `automl.automl_hyperparameters`) name the keys, and each key's schema node gives its type, bounds,
 options and `x-automl` metadata (valid_min/valid_max, log, valid_options, option_weights, math_cond, depends_on).
-Keys that cannot change the result for the chosen spec are dropped from the default search by EXCLUSION_RULES and
-reported with the reason; a user who lists such a key explicitly still gets it searched.
+Keys that cannot change the result for the chosen spec, and the structural keys grounding_dino/config.py marks (they
+change the architecture), are dropped from the default search by EXCLUSION_RULES and reported with the reason; a user
+who lists such a key explicitly still gets it searched.
 
 Sampling follows NVIDIA TAO's rules, mapped onto one Optuna distribution per key:
   float       uniform in [min, max], log-uniform when `log` is set or max/min >= 100; a missing max is the spec's
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from grounding_dino.config import structural_keys
 from sdk.errors import SpecError
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "grounding_dino" / "train.schema.json"
@@ -263,8 +265,7 @@ EXCLUSION_RULES: Dict[str, Callable[[Mapping[str, Any]], Optional[str]]] = {
     "train.optim.lr_step_size": _lr_step_size,
     "train.optim.lr_decay": _lr_decay,
     "model.num_select": _post_processing,
-    "model.enc_layers": _structural,
-    "model.dec_layers": _structural,
+    **{key: _structural for key in structural_keys()},
 }
 
 
