@@ -1,10 +1,8 @@
 """Lightning callbacks of a training run: TAO-named atomic checkpoints, status.json lines, RNG state for resume."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,41 +10,19 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from grounding_dino.layout import CHECKPOINT_STEM, LATEST_LINK, STATUS_FILE, replace_atomically
 from grounding_dino.status import StatusWriter
-
-CHECKPOINT_FILENAME = "model_epoch_{epoch:03d}_step_{step:05d}"
-LATEST_LINK = "gdino_model_latest.pth"
-
-
-def _replace_atomically(write, path: str | os.PathLike) -> None:
-    """Call `write(tmp_path)` on a hidden file beside `path`, then rename it over `path`.
-
-    A crash or SIGKILL mid-write leaves at most a hidden `.*.tmp` file, never a truncated file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def _symlink_atomically(target: str | os.PathLike, link: str | os.PathLike) -> None:
     """Point `link` at `target` (relative link) by renaming a fresh link over the old one: readers always find
     a link, unlike Lightning's remove-then-create."""
     relative = os.path.relpath(target, os.path.dirname(link))
-    _replace_atomically(lambda tmp: (os.remove(tmp), os.symlink(relative, tmp)), link)
+    replace_atomically(link, lambda tmp: (os.remove(tmp), os.symlink(relative, tmp)))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
 
-        _replace_atomically(write, path)
+        replace_atomically(path, write)
 
 
 class GDinoCheckpoint(ModelCheckpoint):
@@ -77,7 +53,7 @@ class GDinoCheckpoint(ModelCheckpoint):
                  every_n_train_steps: Optional[int] = None):
         super().__init__(
             dirpath=dirpath,
-            filename=CHECKPOINT_FILENAME,
+            filename=CHECKPOINT_STEM,
             auto_insert_metric_name=False,
             save_top_k=-1,
             save_last="link",
@@ -98,7 +74,7 @@ class GDinoCheckpoint(ModelCheckpoint):
         if trainer.global_step == 0 or trainer.global_step == self._last_global_step_saved:
             return  # nothing trained since the last checkpoint
         path = os.path.join(
-            self.dirpath, CHECKPOINT_FILENAME.format(epoch=trainer.current_epoch, step=trainer.global_step)
+            self.dirpath, CHECKPOINT_STEM.format(epoch=trainer.current_epoch, step=trainer.global_step)
         ) + self.FILE_EXTENSION
         if trainer.world_size > 1:
             # Other ranks may be dead or stuck, so skip Trainer.save_checkpoint's barriers; a sharded (FSDP) state
@@ -196,7 +172,7 @@ class StatusLogger(Callback):
     VAL_KEYS = ("val_loss", "val_mAP", "val_mAP50")
 
     def __init__(self, results_dir: str | os.PathLike, num_epochs: int):
-        self.path = Path(results_dir) / "status.json"
+        self.path = Path(results_dir) / STATUS_FILE
         self.num_epochs = num_epochs
         self.writer: Optional[StatusWriter] = None
         self._epoch_start = 0.0
@@ -255,23 +231,3 @@ class StatusLogger(Callback):
         reason = f"{type(exception).__name__}: {exception}" if str(exception) else type(exception).__name__
         self.writer.write("FAILURE", f"Training failed: {reason}",
                           verbosity="ERROR", epoch=trainer.current_epoch, step=trainer.global_step)
-
-
-class WriteSpec(Callback):
-    """Writes the spec that runs as experiment.yaml (rank 0, atomically), with the encryption key left out."""
-
-    def __init__(self, path: str | os.PathLike, cfg):
-        self.path = Path(path)
-        self.cfg = cfg
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        spec = dataclasses.asdict(self.cfg)
-        spec["encryption_key"] = None
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                yaml.safe_dump(spec, f, sort_keys=False)
-
-        _replace_atomically(write, self.path)

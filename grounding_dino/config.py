@@ -12,8 +12,8 @@ Each leaf is declared with `param(...)`, which stores its metadata in `dataclass
   `structural=True` (emitted as `x-structural`): the setting shapes the weights or how they are read, so a checkpoint
   only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
   parent job), the checkpoint loader and AutoML (never searched by default).
-Where NVIDIA TAO's schema default differs from its runtime default, the runtime value is used here
-(see ../shared/reference/grounding-dino.md, "Traps" 3).
+Where NVIDIA TAO's published schema default differs from the default its code runs with, the value its code runs
+with is used here: a user who reads a default in our schema gets that value at run time.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 ACTIONS = ("train", "evaluate", "inference", "export", "quantize", "gen_trt_engine")
-# TensorRT actions run from the deploy templates; they reuse the sections of their PyTorch twins.
-DEPLOY_ACTIONS = ("gen_trt_engine", "inference", "evaluate")
 
 BACKBONES = (
     "swin_tiny_224_1k",

@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import onnxruntime
 import torch
 from torch import Tensor, nn
 
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import build_caption, normalize_name
 from grounding_dino.data.tokens import TokenBudget
+from grounding_dino.model import build_model
+from grounding_dino.model.checkpoint import config_conflicts, load_weights
 from grounding_dino.model.postprocess import post_process
+from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
 
 Detections = List[Dict[str, Tensor]]
 
-# The export contract (DESIGN.md "Export"): input names in forward order, output names.
+# The export contract (docs/architecture.md, "Export"): input names in forward order, output names.
 ONNX_INPUTS = ("inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
 ONNX_OUTPUTS = ("pred_logits", "pred_boxes")
 
@@ -173,9 +177,6 @@ class TorchPredictor(Predictor):
         Our checkpoints carry the model settings they were trained with; any structural disagreement with the spec
         is refused, naming the keys to change.
         """
-        from grounding_dino.model import build_model
-        from grounding_dino.model.checkpoint import config_conflicts, load_weights
-
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(checkpoint, dict):
             raise ValueError(f"{section}.checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
@@ -227,8 +228,6 @@ class OnnxPredictor(Predictor):
     name = "onnx"
 
     def __init__(self, path: str, tokenizer):
-        import onnxruntime
-
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -251,8 +250,6 @@ class OnnxPredictor(Predictor):
 
     @classmethod
     def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "OnnxPredictor":
-        from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
-
         tokenizer = CaptionTokenizer(resolve_text_encoder(cfg.model.text_encoder_type), cfg.model.max_text_len)
         return cls(path, tokenizer)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "SKIPPED")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -64,6 +65,34 @@ class StatusWriter:
         finally:
             os.close(fd)
         return record
+
+
+class Report:
+    """What a finished action says on its SUCCESS line (the action sets it inside `reported`)."""
+
+    def __init__(self) -> None:
+        self.message: Optional[str] = None
+        self.kpi: Optional[Mapping[str, Any]] = None
+        self.fields: Dict[str, Any] = {}
+
+    def succeed(self, message: str, *, kpi: Optional[Mapping[str, Any]] = None, **fields: Any) -> None:
+        self.message, self.kpi, self.fields = message, kpi, fields
+
+
+@contextmanager
+def reported(writer: StatusWriter, activity: str) -> Iterator[Report]:
+    """STARTED before the body, then SUCCESS with what the body set on the Report, or FAILURE naming the error
+    (which propagates)."""
+    writer.write("STARTED", f"Starting {activity}.")
+    outcome = Report()
+    try:
+        yield outcome
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        writer.write("FAILURE", f"{activity[:1].upper()}{activity[1:]} failed: {reason}", verbosity="ERROR")
+        raise
+    writer.write("SUCCESS", outcome.message or f"{activity[:1].upper()}{activity[1:]} finished.",
+                 kpi=outcome.kpi, **outcome.fields)
 
 
 def read_status(path: str | os.PathLike) -> list[dict]:

@@ -314,8 +314,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
     import torch
 
-    from grounding_dino.config import load_experiment
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
 
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
@@ -336,7 +335,7 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
         spec["train"]["pretrained_model_path"] = str(Path(init).resolve())
     callbacks, packer = _callbacks(out, minutes * 60 if minutes else None)
     train_start = time.time()
-    run_training(load_experiment(spec), callbacks=callbacks)
+    run_action("train", spec, callbacks=callbacks)
     train_seconds = time.time() - train_start
     recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
               "text_layers": text_layers or None, "device": device}
@@ -385,12 +384,12 @@ def regenerate_val(root: str | os.PathLike, data: Dict[str, Any]) -> Dict[str, s
 def measure(model_path: str | os.PathLike, work_dir: Optional[str | os.PathLike] = None) -> Dict[str, float]:
     """COCO metrics of a packed file on the base val set regenerated from its card, through the evaluate action."""
     from grounding_dino.config import load_experiment
-    from grounding_dino.actions.evaluate import run_evaluate
+    from grounding_dino.actions import run_action
 
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         paths = regenerate_val(Path(tmp) / "data", read_card(model_path)["data"])
         spec = eval_spec(paths["val_image_dir"], paths["val_json_file"], str(model_path), str(Path(tmp) / "eval"))
-        run_evaluate(load_experiment(spec))
+        run_action("evaluate", load_experiment(spec))
         return json.loads((Path(tmp) / "eval" / "evaluate" / "results.json").read_text())
 
 

@@ -27,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from grounding_dino.layout import BEST_AUTOML, read_job_spec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / "examples" / "demo_workflow.py"
 SEED = 7
@@ -148,16 +150,14 @@ def ap50_by_vocabulary(per_class: List[dict]) -> Dict[str, float]:
 
 def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float]) -> Dict[str, Any]:
     """The demo's results from the finished jobs' folders."""
-    import yaml
-
     record = {name: bank.status(job_id) for name, job_id in jobs.items()}
     train = record["train"].results_dir
-    best = json.loads(_one(train, "best_automl.json").read_text())
+    best = json.loads(_one(train, BEST_AUTOML).read_text())
     torch_eval = json.loads(_one(record["evaluate"].results_dir, "results.json").read_text())
     onnx_eval = json.loads(_one(record["evaluate_onnx"].results_dir, "results.json").read_text())
     infer_dir = _one(record["inference"].results_dir, "images_annotated").parent
     detections = json.loads((infer_dir / "results.json").read_text())
-    infer_spec = yaml.safe_load((record["inference"].path / "spec.yaml").read_text())
+    infer_spec = read_job_spec(record["inference"].path)
     truth = json.loads((data / "inference_dataset" / "annotations.json").read_text())
     prompts = [p.strip().lower() for p in infer_spec["dataset"]["infer_data_sources"]["captions"]]
     found = {p: v for p, v in found_per_phrase(detections, truth).items() if p in prompts}

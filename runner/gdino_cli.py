@@ -2,20 +2,20 @@
 
 The spec is merged onto the action's defaults, overrides are applied, and the result is validated before anything
 runs. On bad input every problem is printed (key path, bad value, what is allowed), nothing is written, and the exit
-code is 2. On good input the resolved spec is written as `experiment.yaml` into the action's results folder and the
-backend action (`grounding_dino.actions.get_action(action)`) runs it.
+code is 2. On good input `grounding_dino.actions.run_action` runs it (the one launcher every entry point uses).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional
 
 from grounding_dino import config as gd_config
+from grounding_dino.actions import ActionError, run_action
 from sdk.errors import SkillBankError, SpecError
 from sdk.skill_info import load_skill_info
-from sdk.spec import dump_spec, resolve_spec, validate
+from sdk.spec import resolve_spec, validate
 
 EPILOG = """\
 overrides:
@@ -24,7 +24,7 @@ overrides:
     train.num_epochs=20 dataset.train_data_sources[0].json_file=/data/train_odvg.jsonl
   An index may be at most the list's length (that appends one item). Short names: {shorthand}.
 
-exit codes: 0 success, 1 the action failed or is not available, 2 bad spec or arguments (nothing written).
+exit codes: 0 success, 1 the action failed or cannot be imported, 2 bad spec or arguments (nothing written).
 """
 
 
@@ -51,26 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def results_folder(spec: dict, action: str) -> Path:
-    """`<action>.results_dir` when set, else `<results_dir>/<action>` (validation guarantees one of them)."""
-    own = (spec.get(action) or {}).get("results_dir")
-    return Path(own) if own else Path(spec["results_dir"]) / action
-
-
-def find_backend(action: str) -> Tuple[Optional[Callable], str]:
-    """The backend callable for `action`, or None and the reason it cannot run."""
-    try:
-        from grounding_dino import actions
-    except ModuleNotFoundError as exc:
-        if exc.name != "grounding_dino.actions":
-            raise
-        return None, "the backend action registry grounding_dino/actions/__init__.py does not exist yet"
-    try:
-        return actions.get_action(action), ""
-    except actions.ActionError as exc:
-        return None, str(exc)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"grounding_dino {args.action}"
@@ -87,13 +67,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SkillBankError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
-    run, reason = find_backend(args.action)
-    if run is None:
-        print(f"{prog}: the {args.action} action is not available yet ({reason}); nothing was run.", file=sys.stderr)
+    try:
+        return run_action(args.action, config)
+    except ActionError as exc:
+        print(f"{prog}: {exc}; nothing was run.", file=sys.stderr)
         return 1
-    folder = results_folder(spec, args.action)
-    dump_spec(gd_config.to_dict(config), folder / "experiment.yaml")
-    return int(run(config) or 0)
 
 
 if __name__ == "__main__":

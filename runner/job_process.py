@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from grounding_dino.actions import ActionError, run_action
+from grounding_dino.layout import JOB_PROCESS_MODULE, read_job_spec
 from sdk.data_sources import extracted_keys, resolve_data_sources
 from sdk.errors import SkillBankError
 from sdk.jobs import last_log_lines, now, read_job, update_job
@@ -56,7 +56,7 @@ def supervise(job_dir: Path) -> int:
     update_job(job_dir, status="running", started_at=now(), pid=os.getpid())
     _say(f"job {record['id']}: {record['action']} started (automl_policy {record['automl_policy']}: "
          f"{record['automl_policy_source']})")
-    worker = subprocess.Popen([sys.executable, "-m", "runner.job_process", "--worker", str(job_dir)],
+    worker = subprocess.Popen([sys.executable, "-m", JOB_PROCESS_MODULE, "--worker", str(job_dir)],
                               stdin=subprocess.DEVNULL)
     code = worker.wait()
     record = read_job(job_dir)
@@ -84,7 +84,7 @@ def work(job_dir: Path) -> int:
         if delay > 0:
             _say(f"{DELAY_ENV}={delay:g}: sleeping before the action (test hook)")
             time.sleep(delay)
-        spec = yaml.safe_load((job_dir / "spec.yaml").read_text()) or {}
+        spec = read_job_spec(job_dir)
         action = record["action"]
         info = load_skill_info(record["skill"]).action(action)
         resolve_data_sources(spec, extracted_keys(info.data_sources), record["cache_dir"], log=_say)
@@ -104,29 +104,14 @@ def work(job_dir: Path) -> int:
 
 def _run_action(action: str, spec: dict) -> int:
     try:
-        from grounding_dino.actions import ActionError, get_action
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("grounding_dino", "grounding_dino.actions"):
-            raise
-        raise SkillBankError(f"action {action} is not available yet (the backend has no action registry)") from None
-    from grounding_dino.config import load_experiment
-
-    try:
-        run = get_action(action)
+        return run_action(action, spec)
     except ActionError as exc:
         raise SkillBankError(str(exc)) from None
-    code = run(load_experiment(spec))
-    return int(code or 0)
 
 
 def _run_automl(spec: dict, record: dict) -> int:
-    try:
-        from runner.automl.driver import run_automl
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith(("runner.automl", "optuna")):
-            raise
-        raise SkillBankError(f"the AutoML driver is not available ({exc}); run the job with automl_policy=off to "
-                             "train directly") from None
+    from runner.automl.driver import run_automl
+
     run_automl(spec, study_name=spec["automl"].get("study_name") or record["id"])
     return 0
 

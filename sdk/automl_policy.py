@@ -7,7 +7,7 @@ searched hyperparameters or did not.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -39,9 +39,6 @@ _ON = [
 class AutomlDecision:
     policy: str  # "on" or "off"
     source: str  # where the decision came from, in words
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def phrase_policy(text: Optional[str]) -> Optional[tuple[str, str]]:

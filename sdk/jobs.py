@@ -25,15 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import yaml
-
+from grounding_dino.layout import (JOB_LOCK, JOB_LOG, JOB_PROCESS_MODULE, JOB_RECORD, JOB_RESULTS, JOB_SPEC,
+                                  read_job_spec, replace_atomically)
 from sdk import mappings, preflight
 from sdk.automl_policy import AutomlDecision, decide as decide_automl
 from sdk.errors import SkillBankError
 from sdk.skill_info import load_skill_info
 from sdk.spec import apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, validate
 
-STATES = ("pending", "running", "done", "error", "canceled")
 FINAL = ("done", "error", "canceled")
 REQUEST_KEYS = ("parent_epoch", "parent_step")  # request settings given like overrides, not spec keys
 SECRET_KEYS = ("encryption_key",)
@@ -56,7 +55,7 @@ class Job:
 
     @property
     def results_dir(self) -> Path:
-        return self.path / "results"
+        return self.path / JOB_RESULTS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,21 +67,12 @@ def now() -> str:
 
 
 def read_job(job_dir: Path) -> dict:
-    return json.loads((Path(job_dir) / "job.json").read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return json.loads((Path(job_dir) / JOB_RECORD).read_text())
 
 
 @contextmanager
 def _locked(job_dir: Path):
-    with open(Path(job_dir) / ".lock", "a") as fh:
+    with open(Path(job_dir) / JOB_LOCK, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -99,12 +89,12 @@ def update_job(job_dir: Path, restart: bool = False, **changes: Any) -> dict:
             changes = {k: v for k, v in changes.items() if k not in ("status", "error", "finished_at")}
         record.update(changes)
         record["updated_at"] = now()
-        _write_atomic(job_dir / "job.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        replace_atomically(job_dir / JOB_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
         return record
 
 
 def last_log_lines(job_dir: Path, count: int = 5) -> list[str]:
-    path = Path(job_dir) / "log.txt"
+    path = Path(job_dir) / JOB_LOG
     if not path.is_file():
         return []
     with open(path, "rb") as fh:
@@ -215,9 +205,9 @@ class SkillBank:
             except FileExistsError:
                 continue
 
-        (job_dir / "results").mkdir()
-        dump_spec(spec_out, job_dir / "spec.yaml")
-        (job_dir / "log.txt").write_text("".join(f"[preflight] {w}\n" for w in warnings))
+        (job_dir / JOB_RESULTS).mkdir()
+        dump_spec(spec_out, job_dir / JOB_SPEC)
+        (job_dir / JOB_LOG).write_text("".join(f"[preflight] {w}\n" for w in warnings))
         record = {
             "id": job_id, "skill": self.model, "action": action, "parent_job_id": parent_job_id,
             "status": "pending", "created_at": now(), "started_at": None, "finished_at": None,
@@ -228,7 +218,7 @@ class SkillBank:
             "mapped": filled, "carried": carried, "warnings": warnings,
             "cache_dir": str(self.cache_dir), "has_encryption_key": bool(secret),
         }
-        _write_atomic(job_dir / "job.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+        replace_atomically(job_dir / JOB_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
         if start:
             return self.start(job_id, _secret=secret)
         return self._job(job_dir)
@@ -246,7 +236,7 @@ class SkillBank:
         if record["status"] in ("pending", "running"):
             raise SkillBankError(f"parent job {job_id} is {record['status']}; wait for it (skillbank job wait "
                                  f"{job_id}) before starting a job from its results.")
-        spec = yaml.safe_load((job_dir / "spec.yaml").read_text()) or {}
+        spec = read_job_spec(job_dir)
         return mappings.ParentJob(job_dir, record, spec)
 
     def _check_outputs(self, spec: dict, action: str, job_dir: Path) -> None:
@@ -278,9 +268,9 @@ class SkillBank:
         if secret.get("encryption_key"):
             env[mappings.ENCRYPTION_KEY_ENV] = secret["encryption_key"]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(job_dir / "log.txt", "ab") as log:
+        with open(job_dir / JOB_LOG, "ab") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "runner.job_process", str(job_dir)], cwd=job_dir, env=env,
+                [sys.executable, "-m", JOB_PROCESS_MODULE, str(job_dir)], cwd=job_dir, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self._children[job_id] = child
@@ -288,11 +278,11 @@ class SkillBank:
         return self._job(job_dir)
 
     def _reresolve(self, job_dir: Path, record: dict) -> None:
-        spec = yaml.safe_load((job_dir / "spec.yaml").read_text()) or {}
+        spec = read_job_spec(job_dir)
         action_info = self.info.action(record["action"])
         params = {k: v for k, v in action_info.spec_params.items() if v in ("resume_model", "ptm_if_no_resume_model")}
         mappings.apply_mappings(mappings.MappingContext(record["action"], spec, job_dir), params)
-        dump_spec(spec, job_dir / "spec.yaml")
+        dump_spec(spec, job_dir / JOB_SPEC)
         update_job(job_dir, restart=True, status="pending", error=None, exit_code=None, finished_at=None,
                    cancel_requested=False, pid=None, pid_start=None)
 
@@ -319,13 +309,13 @@ class SkillBank:
         return Job(record["id"], record["action"], record["status"], job_dir, record)
 
     def logs(self, job_id: str, tail: Optional[int] = None) -> str:
-        text = (self._dir(job_id) / "log.txt").read_text(errors="replace")
+        text = (self._dir(job_id) / JOB_LOG).read_text(errors="replace")
         return "\n".join(text.splitlines()[-tail:]) + "\n" if tail else text
 
     def list_jobs(self) -> list[Job]:
         if not self.jobs_dir.is_dir():
             return []
-        jobs = [self.status(p.name) for p in self.jobs_dir.iterdir() if (p / "job.json").is_file()]
+        jobs = [self.status(p.name) for p in self.jobs_dir.iterdir() if (p / JOB_RECORD).is_file()]
         return sorted(jobs, key=lambda j: j.record["created_at"])
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll_s: float = 0.2) -> Job:
@@ -369,7 +359,7 @@ class SkillBank:
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise SkillBankError(f"{job_id!r} is not a job id.")
         job_dir = self.jobs_dir / job_id
-        if not (job_dir / "job.json").is_file():
+        if not (job_dir / JOB_RECORD).is_file():
             raise SkillBankError(f"no job {job_id!r} in {self.jobs_dir}. Fix: `skillbank job list` shows the ids.")
         return job_dir
 

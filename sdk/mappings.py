@@ -3,30 +3,25 @@
 skill_info.yaml's `spec_params` names, per action, which function fills which spec key. Each function takes a
 `MappingContext` and the dotted key and returns the value to set, or KEEP to leave the request's value alone.
 
-Job folder facts used here (see sdk/jobs.py): `<job>/spec.yaml` is the spec that ran, `<job>/results/` the
-results root; an action writes to `<action>.results_dir` if set, else `<results_dir>/<action>`, so artifacts are
-looked up in `results/<action>/` and `results/` (both layouts exist). An AutoML train job keeps its winner in
-`best_model/` with `best_automl.json` ({"checkpoint": file name in best_model/, "params": {dotted: value}}), as
-runner/automl/driver.py writes them.
+The file names come from grounding_dino/layout.py. An action writes where `results_dir_for` says, so artifacts are
+looked up there and in `results/<action>/` and `results/` of the job folder (both layouts exist). An AutoML train
+job keeps its winner in the best-model folder with its JSON ({"checkpoint": file name, "params": {dotted: value}}),
+as runner/automl/driver.py writes them.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from grounding_dino.config import structural_keys
+from grounding_dino.layout import BEST_AUTOML, BEST_MODEL_DIR, JOB_RESULTS, parse_checkpoint_name, results_dir_for
 from sdk.errors import SkillBankError
 from sdk.spec import get_path, set_path
 
 KEEP: Any = object()  # a mapping's "leave the request's value as it is"
-CHECKPOINT_RE = re.compile(r"^model_epoch_(\d+)_step_(\d+)\.pth$")
-LATEST_LINK = "gdino_model_latest.pth"
-BEST_MODEL = "best_model"
-BEST_AUTOML = "best_automl.json"
 ENCRYPTION_KEY_ENV = "SKILLBANK_ENCRYPTION_KEY"
 
 # Settings that shape the weights (marked in grounding_dino/config.py): a checkpoint only loads into a model built the
@@ -103,12 +98,11 @@ def get_mapping(name: str) -> Mapping_:
 
 
 def action_results_dir(spec: dict, action: str) -> Optional[Path]:
-    """Where `action` writes: `<action>.results_dir` if set, else `<results_dir>/<action>`."""
-    own = (spec.get(action) or {}).get("results_dir")
-    if own:
-        return Path(own)
-    root = spec.get("results_dir")
-    return Path(root) / action if root else None
+    """Where `action` writes, or None while the spec names no results folder yet."""
+    try:
+        return results_dir_for(action, spec)
+    except ValueError:
+        return None
 
 
 def _result_roots(job_dir: Path, action: str, spec: Optional[dict] = None) -> list[Path]:
@@ -117,7 +111,7 @@ def _result_roots(job_dir: Path, action: str, spec: Optional[dict] = None) -> li
         declared = action_results_dir(spec, action)
         if declared is not None:
             roots.append(declared)
-    roots += [job_dir / "results" / action, job_dir / "results"]
+    roots += [job_dir / JOB_RESULTS / action, job_dir / JOB_RESULTS]
     unique = []
     for root in roots:
         if root not in unique and root.is_dir():
@@ -132,9 +126,9 @@ def find_checkpoints(*folders: Path) -> list[Checkpoint]:
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            match = CHECKPOINT_RE.match(path.name)
-            if match and path.is_file():
-                found[path.resolve()] = Checkpoint(path, int(match.group(1)), int(match.group(2)))
+            parsed = parse_checkpoint_name(path.name)
+            if parsed and path.is_file():
+                found[path.resolve()] = Checkpoint(path, *parsed)
     return sorted(found.values(), key=lambda c: (c.step, c.epoch))
 
 
@@ -158,7 +152,7 @@ def pick_checkpoint(checkpoints: list[Checkpoint], where: str, epoch: Optional[i
 def _automl_best(parent: ParentJob) -> Optional[tuple[Path, dict]]:
     """(best_model folder, best_automl.json content) of an AutoML train parent, else None."""
     for root in _result_roots(parent.job_dir, parent.action, parent.spec):
-        path = root / BEST_MODEL / BEST_AUTOML
+        path = root / BEST_MODEL_DIR / BEST_AUTOML
         if path.is_file():
             try:
                 return path.parent, json.loads(path.read_text())
@@ -193,7 +187,7 @@ def parent_artifact(parent: ParentJob, key: str, epoch: Optional[int] = None, st
                 if not path.is_file():
                     raise MappingError(f"{folder / BEST_AUTOML} names {info['checkpoint']}, which does not exist.")
                 return path
-            return pick_checkpoint(find_checkpoints(folder), f"{where}, {BEST_MODEL}/", epoch, step)
+            return pick_checkpoint(find_checkpoints(folder), f"{where}, {BEST_MODEL_DIR}/", epoch, step)
         if parent.job.get("automl_policy") == "on":
             raise MappingError(f"{where} ran AutoML but has no {BEST_AUTOML} (did it finish?). "
                                "Fix: wait for it, or pass the model path explicitly.")
@@ -241,12 +235,12 @@ def ptm_if_no_resume_model(ctx: MappingContext, key: str) -> Any:
 
 @register("output_dir")
 def output_dir(ctx: MappingContext, key: str) -> Any:
-    return str(ctx.job_dir / "results")
+    return str(ctx.job_dir / JOB_RESULTS)
 
 
 @register("create_onnx_file")
 def create_onnx_file(ctx: MappingContext, key: str) -> Any:
-    folder = action_results_dir(ctx.spec, ctx.action) or ctx.job_dir / "results"
+    folder = action_results_dir(ctx.spec, ctx.action) or ctx.job_dir / JOB_RESULTS
     requested = get_path(ctx.spec, key, None)
     name = Path(requested).name if isinstance(requested, str) and requested.endswith(".onnx") else "model.onnx"
     return str(folder / name)

@@ -103,10 +103,6 @@ class SkillInfo:
         return self.path.parent
 
     @property
-    def skill_dir(self) -> Path:
-        return self.root / "skills" / self.name
-
-    @property
     def data_sources(self) -> Dict[str, Mapping[str, DataSource]]:
         return {name: action.data_sources for name, action in self.actions.items()}
 

@@ -10,7 +10,6 @@ import copy
 import difflib
 import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -18,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
+from grounding_dino.layout import replace_atomically
 from sdk import schema_gen
 from sdk.errors import MISSING, SpecError, SpecIssue
 from sdk.skill_info import ActionInfo, load_skill_info
@@ -120,16 +120,7 @@ def _non_string_keys(node: Any, prefix: str) -> Iterable[Tuple[str, Any]]:
 
 def dump_spec(spec: Mapping[str, Any], path: Union[str, os.PathLike]) -> None:
     """Write `spec` as YAML (key order kept) atomically: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(schema_gen.yaml_text(dict(spec)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, schema_gen.yaml_text(dict(spec)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

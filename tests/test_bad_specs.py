@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from grounding_dino import actions
 from grounding_dino import config as gd_config
 from runner import gdino_cli
 from sdk.skill_info import REPO_ROOT
@@ -173,17 +174,16 @@ def test_help_lists_actions_and_override_rules(tmp_path):
 
 
 # The good spec above is valid: the cases fail because of their one change. These run the CLI in-process with the
-# backend lookup replaced, so no model is built.
+# action lookup replaced, so no model is built.
 
 
 def test_good_spec_writes_experiment_yaml_and_runs_the_backend(tmp_path, monkeypatch, capsys):
     received = []
 
-    def backend(config):
+    def backend(config, run):
         received.append(config)
-        return 0
 
-    monkeypatch.setattr(gdino_cli, "find_backend", lambda action: (backend, ""))
+    monkeypatch.setattr(actions, "get_action", lambda action: backend)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(good_spec("train", tmp_path / "results")))
     assert gdino_cli.main(["train", "-e", str(spec_path), "num_epochs=5", "learning_rate=1e-4"]) == 0
@@ -194,20 +194,20 @@ def test_good_spec_writes_experiment_yaml_and_runs_the_backend(tmp_path, monkeyp
     assert written == gd_config.to_dict(config)
 
 
-def test_unavailable_backend_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gdino_cli, "find_backend", lambda action: (None, "not built yet"))
+def test_unimportable_backend_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(actions.REGISTRY, "export", actions.Entry("grounding_dino.not_built:run", "export"))
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(good_spec("export", tmp_path / "results")))
     before = snapshot(tmp_path)
     assert gdino_cli.main(["export", "-e", str(spec_path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "export action is not available yet (not built yet)" in err
+    assert err.count("\n") == 1 and "importing grounding_dino.not_built failed" in err
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("action", list(GOOD))
 def test_good_specs_pass_validation(tmp_path, monkeypatch, action):
-    monkeypatch.setattr(gdino_cli, "find_backend", lambda name: (lambda config: 0, ""))
+    monkeypatch.setattr(actions, "get_action", lambda name: lambda config, run: None)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(good_spec(action, tmp_path / "results")))
     assert gdino_cli.main([action, "-e", str(spec_path)]) == 0

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from grounding_dino.config import TensorRTConfig, load_experiment
 from grounding_dino.deploy import TensorRTUnavailable
-from grounding_dino.actions.gen_trt_engine import run_gen_trt_engine
+from grounding_dino.actions import run_action
 from grounding_dino.deploy.builder import engine_profile, has_qdq, onnx_inputs
 from grounding_dino.status import read_status
 
@@ -47,7 +47,7 @@ def _spec(tmp_path, **gen):
 @needs_no_trt
 def test_gen_trt_engine_fails_fast_in_one_line(tmp_path):
     with pytest.raises(TensorRTUnavailable) as info:
-        run_gen_trt_engine(load_experiment(_spec(tmp_path)))
+        run_action("gen_trt_engine", load_experiment(_spec(tmp_path)))
     message = str(info.value)
     assert "\n" not in message and ("TensorRT is not installed" in message or "GPU" in message)
     last = read_status(tmp_path / "gen_trt_engine" / "status.json")[-1]
@@ -57,13 +57,13 @@ def test_gen_trt_engine_fails_fast_in_one_line(tmp_path):
 def test_int8_is_refused_with_the_reason(tmp_path):
     spec = _spec(tmp_path, tensorrt={"data_type": "INT8"})
     with pytest.raises(ValueError, match="INT8 quantize the model .*QDQ ONNX"):
-        run_gen_trt_engine(load_experiment(spec))
+        run_action("gen_trt_engine", load_experiment(spec))
 
 
 @needs_no_trt
 @pytest.mark.parametrize("action", ["evaluate", "inference"])
 def test_engine_evaluate_and_inference_fail_fast_in_one_line(tmp_path, tiny_data, action):
-    from grounding_dino.actions import get_action
+    from grounding_dino.actions import run_action
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not an engine: the check must come first")
@@ -72,7 +72,7 @@ def test_engine_evaluate_and_inference_fail_fast_in_one_line(tmp_path, tiny_data
         spec["dataset"]["infer_data_sources"] = {"image_dir": [str(tiny_data["root"] / "images")],
                                                  "captions": ["cat"]}
     with pytest.raises(TensorRTUnavailable) as info:
-        get_action(action)(load_experiment(spec))
+        run_action(action, load_experiment(spec))
     assert "\n" not in str(info.value)
 
 

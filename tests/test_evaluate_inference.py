@@ -47,12 +47,12 @@ def trained(tiny_train_spec, tmp_path_factory) -> dict:
     """One epoch of real training; returns the spec, the checkpoint and the epoch's validation KPIs."""
     import torch
 
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("trained")
     spec = make_spec(tiny_train_spec, out, **{"train.num_epochs": 1})
-    assert run_training(config(spec)) == 0
+    assert run_action("train", config(spec)) == 0
     kpi = [r["kpi"] for r in read_status(out / "train" / "status.json") if "val_mAP50" in r.get("kpi", {})][-1]
     return {"spec": spec, "checkpoint": out / "train" / "model_epoch_000_step_00002.pth", "kpi": kpi,
             "paths": tiny_train_spec["_paths"]}
@@ -63,13 +63,13 @@ def trained(tiny_train_spec, tmp_path_factory) -> dict:
 def test_evaluate_equals_the_training_validation(trained, tmp_path):
     from faster_coco_eval import COCO
 
-    from grounding_dino.actions.evaluate import run_evaluate
+    from grounding_dino.actions import run_action
 
     # A zero mAP would make the comparison vacuous: the fixture must produce some correct detections.
     assert trained["kpi"]["val_mAP50"] > 0, "the tiny run scored no mAP50; make the fixture train longer"
     spec = copy.deepcopy(trained["spec"])
     spec["evaluate"] = {"checkpoint": str(trained["checkpoint"]), "results_dir": str(tmp_path / "eval")}
-    assert run_evaluate(config(spec)) == 0
+    assert run_action("evaluate", config(spec)) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["mAP50"] == pytest.approx(trained["kpi"]["val_mAP50"], abs=1e-6)
     assert results["mAP"] == pytest.approx(trained["kpi"]["val_mAP"], abs=1e-6)
@@ -90,27 +90,27 @@ def test_evaluate_equals_the_training_validation(trained, tmp_path):
 def test_evaluate_refuses_a_checkpoint_of_another_architecture(tiny_train_spec, tmp_path):
     import torch
 
-    from grounding_dino.actions.evaluate import run_evaluate
+    from grounding_dino.actions import run_action
 
     checkpoint = tmp_path / "other.pth"
     saved = dict(config(make_spec(tiny_train_spec, tmp_path)).model.__dict__, num_queries=300)
     torch.save({"model": {}, "model_config": saved}, checkpoint)
     spec = make_spec(tiny_train_spec, tmp_path, **{"evaluate.checkpoint": str(checkpoint)})
     with pytest.raises(ValueError, match=r"other model settings.*\n  model.num_queries: checkpoint 300, spec 100"):
-        run_evaluate(config(spec))
+        run_action("evaluate", config(spec))
     status = read_status(tmp_path / "evaluate" / "status.json")
     assert status[-1]["status"] == "FAILURE" and "num_queries" in status[-1]["message"]
     spec["evaluate"]["checkpoint"] = str(tmp_path / "model.bin")
     (tmp_path / "model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"unknown model file type '.bin'"):
-        run_evaluate(config(spec))
+        run_action("evaluate", config(spec))
 
 
 def test_eighty_classes_run_as_several_prompts(tiny_train_spec, tmp_path):
     """All COCO category names with a 64-token text encoder: split into prompts, every class scored."""
     import torch
 
-    from grounding_dino.actions.evaluate import run_evaluate
+    from grounding_dino.actions import run_action
     from grounding_dino.model import build_model
     from grounding_dino.model.checkpoint import native_checkpoint
     from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
@@ -138,7 +138,7 @@ def test_eighty_classes_run_as_several_prompts(tiny_train_spec, tmp_path):
     for chunk in chunks:
         assert chunk.positive_map.shape == (len(chunk.names), 64) and bool(chunk.positive_map.any(1).all())
 
-    assert run_evaluate(cfg) == 0
+    assert run_action("evaluate", cfg) == 0
     results = json.loads((tmp_path / "evaluate" / "results.json").read_text())
     assert 0.0 <= results["mAP50"] <= 1.0
     detections = json.loads((tmp_path / "evaluate" / "detections.json").read_text())
@@ -178,7 +178,7 @@ def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_
     from faster_coco_eval import COCO
     from PIL import Image
 
-    from grounding_dino.actions.inference import run_inference
+    from grounding_dino.actions import run_action
 
     images = _png_folder(trained["paths"], tmp_path / "images", 3)
     spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
@@ -186,7 +186,7 @@ def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_
     spec["dataset"]["infer_data_sources"] = {"image_dir": [str(images)], "captions": ["Red Circle", "blue square"]}
     spec["inference"] = {"checkpoint": str(trained["checkpoint"]), "conf_threshold": 0.0, "outline_width": 2,
                          "color_map": {"red circle": "#00ff00"}, "batch_size": 2}
-    assert run_inference(config(spec)) == 0
+    assert run_action("inference", config(spec)) == 0
     out = tmp_path / "inference"
     assert read_status(out / "status.json")[-1]["status"] == "SUCCESS"
 
@@ -232,13 +232,13 @@ def test_inference_writes_labels_annotated_images_and_coco_results(trained, tmp_
 def test_images_without_detections_get_empty_labels_and_a_copy(trained, tmp_path):
     from PIL import Image, ImageChops
 
-    from grounding_dino.actions.inference import run_inference
+    from grounding_dino.actions import run_action
 
     images = _png_folder(trained["paths"], tmp_path / "images", 2)
     spec = dict(copy.deepcopy(trained["spec"]), results_dir=str(tmp_path))
     spec["dataset"]["infer_data_sources"] = {"image_dir": [str(images)], "captions": ["red circle"]}
     spec["inference"] = {"checkpoint": str(trained["checkpoint"]), "conf_threshold": 1.0}
-    assert run_inference(config(spec)) == 0
+    assert run_action("inference", config(spec)) == 0
     out = tmp_path / "inference"
     assert json.loads((out / "results.json").read_text()) == []
     for source in images.iterdir():
@@ -353,9 +353,7 @@ def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
     the export's fixed input size."""
     import torch
 
-    export = pytest.importorskip("grounding_dino.actions.export", reason="grounding_dino/actions/export.py is not built yet")
-    from grounding_dino.actions.evaluate import run_evaluate
-    from grounding_dino.actions.inference import run_inference
+    from grounding_dino.actions import export, run_action
     from grounding_dino.predictor import OnnxPredictor, load_predictor
 
     width, height = 160, 128
@@ -389,7 +387,7 @@ def test_onnx_model_gives_the_pytorch_results(trained, tmp_path):
         spec["inference"] = {"checkpoint": model, "results_dir": str(tmp_path / name / "inference"),
                              "conf_threshold": 0.0, **size}
         cfg = config(spec)
-        assert run_evaluate(cfg) == 0 and run_inference(cfg) == 0
+        assert run_action("evaluate", cfg) == 0 and run_action("inference", cfg) == 0
         outputs[name] = (json.loads((tmp_path / name / "evaluate" / "results.json").read_text()),
                          json.loads((tmp_path / name / "inference" / "results.json").read_text()))
     (torch_metrics, torch_detections), (onnx_metrics, onnx_detections) = outputs["torch"], outputs["onnx"]

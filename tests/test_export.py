@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from grounding_dino.config import load_experiment
-from grounding_dino.actions.export import ExportVerificationError, export_model, run_export, sample_inputs
+from grounding_dino.actions import run_action
+from grounding_dino.actions.export import ExportVerificationError, export_model, sample_inputs
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import native_checkpoint
 from grounding_dino.model.text import sub_sentence_masks, write_small_text_encoder
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tiny):
     """The export action run once with a dynamic batch."""
-    assert run_export(load_experiment(tiny["spec"])) == 0
+    assert run_action("export", load_experiment(tiny["spec"])) == 0
     return tiny["root"] / "results" / "export" / "model.onnx"
 
 
@@ -126,7 +127,7 @@ def test_tolerance_violation_fails_the_action(tiny, tmp_path):
     spec["results_dir"] = str(tmp_path)
     spec["export"]["verify_tolerance"] = 1e-12
     with pytest.raises(ExportVerificationError, match="above export.verify_tolerance"):
-        run_export(load_experiment(spec))
+        run_action("export", load_experiment(spec))
     last = read_status(tmp_path / "export" / "status.json")[-1]
     assert last["status"] == "FAILURE" and "verify_tolerance" in last["message"]
 
@@ -136,7 +137,7 @@ def test_checkpoint_with_other_model_settings_is_refused(tiny, tmp_path):
     spec["results_dir"] = str(tmp_path)
     spec["model"]["num_queries"] = 200
     with pytest.raises(ValueError, match=r"model.num_queries: checkpoint 100, spec 200"):
-        run_export(load_experiment(spec))
+        run_action("export", load_experiment(spec))
     assert not (tmp_path / "export" / "model.onnx").exists()
 
 
@@ -145,4 +146,4 @@ def test_missing_checkpoint_is_named(tiny, tmp_path):
     spec["results_dir"] = str(tmp_path)
     spec["export"]["checkpoint"] = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="export.checkpoint: .*nope.pth does not exist"):
-        run_export(load_experiment(spec))
+        run_action("export", load_experiment(spec))

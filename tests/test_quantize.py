@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import onnx
 import onnxruntime
 import pytest
@@ -16,7 +15,8 @@ from grounding_dino.config import load_experiment
 from grounding_dino.actions.export import export_model
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import native_checkpoint
-from grounding_dino.actions.quantize import MissingBackendError, calibration_feeds, run_quantize
+from grounding_dino.actions import run_action
+from grounding_dino.actions.quantize import MissingBackendError, calibration_feeds
 from grounding_dino.status import read_status
 
 WIDTH, HEIGHT = 160, 128
@@ -44,7 +44,7 @@ def _run(setup, tmp_path, **quantize):
     spec = copy.deepcopy(setup["spec"])
     spec["results_dir"] = str(tmp_path)
     spec["quantize"].update(quantize)
-    assert run_quantize(load_experiment(spec)) == 0
+    assert run_action("quantize", load_experiment(spec)) == 0
     return tmp_path / "quantize"
 
 

@@ -47,20 +47,15 @@ def test_action_registry_is_lazy_and_errors_are_clear(monkeypatch):
     # importing the registry must not import torch (the CLI and SDK import it before anything heavy)
     code = "import sys, grounding_dino.actions; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-    assert "train" in actions.available_actions()
-    with pytest.raises(actions.UnknownActionError, match="unknown action 'bake'"):
+    assert "train" in actions.REGISTRY
+    with pytest.raises(actions.ActionError, match="unknown action 'bake'"):
         actions.get_action("bake")
-    monkeypatch.delitem(actions._REGISTRY, "gen_trt_engine", raising=False)  # a spec action nobody registered
-    with pytest.raises(actions.ActionUnavailableError, match="'gen_trt_engine' is not available yet"):
-        actions.get_action("gen_trt_engine")
 
 
 def test_unimportable_action_is_reported_as_unavailable(monkeypatch):
-    monkeypatch.setitem(actions._REGISTRY, "export", "grounding_dino.no_such_module:run")
-    with pytest.raises(actions.ActionUnavailableError, match="importing grounding_dino.no_such_module failed"):
+    monkeypatch.setitem(actions.REGISTRY, "export", actions.Entry("grounding_dino.no_such_module:run", "export"))
+    with pytest.raises(actions.ActionError, match="importing grounding_dino.no_such_module failed"):
         actions.get_action("export")
-    with pytest.raises(ValueError, match="package.module:function"):
-        actions.register_action("export", "no_colon")
 
 
 def test_train_action_resolves_to_run_training():
@@ -216,12 +211,12 @@ def two_epochs(tiny_train_spec, tmp_path_factory):
     """One real 2-epoch run (8 images, batch 4: 2 steps per epoch) shared by the tests below."""
     import torch
 
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("two_epochs")
     spec = tiny_spec(tiny_train_spec, out, encryption_key="secret-key")
-    assert run_training(_config(spec)) == 0
+    assert run_action("train", _config(spec)) == 0
     return out / "train", spec
 
 
@@ -339,13 +334,13 @@ class _WeightProbe:
 
 @pytest.fixture(scope="module")
 def dry_run_frozen(tiny_train_spec, tmp_path_factory):
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
 
     out = tmp_path_factory.mktemp("dry_run")
     spec = tiny_spec(tiny_train_spec, out, **{"train.is_dry_run": True, "train.num_epochs": 5, "train.verbose": True,
                                           "train.freeze": ["backbone.0", "bert"]})
     probe = _WeightProbe.make()
-    assert run_training(_config(spec), callbacks=[probe]) == 0
+    assert run_action("train", _config(spec), callbacks=[probe]) == 0
     return out / "train", probe
 
 
@@ -383,7 +378,9 @@ def test_freeze_names_an_unknown_prefix(tiny_train_spec, tmp_path):
 def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, tmp_path):
     import torch
 
-    from grounding_dino.actions.train import build_module, run_training
+    from grounding_dino.actions import run_action
+
+    from grounding_dino.actions.train import build_module
 
     results, _ = two_epochs
     latest = results / "gdino_model_latest.pth"
@@ -401,7 +398,7 @@ def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, 
     missing = tiny_spec(tiny_train_spec, tmp_path,
                         **{"train.resume_training_checkpoint_path": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match="resume_training_checkpoint_path"):
-        run_training(_config(missing))
+        run_action("train", _config(missing))
 
 
 def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):
@@ -425,7 +422,7 @@ def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, Timer
 
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
 
     torch.set_num_threads(2)
     val = tiny_train_spec["dataset"]["val_data_sources"]
@@ -439,7 +436,7 @@ def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
     stop = EarlyStopping(monitor="val_mAP50", mode="max", stopping_threshold=0.9, patience=300,
                          check_on_train_epoch_end=False)
     start = time.monotonic()
-    run_training(_config(spec), callbacks=[stop, Timer(duration={"minutes": 10})])
+    run_action("train", _config(spec), callbacks=[stop, Timer(duration={"minutes": 10})])
     elapsed = time.monotonic() - start
     lines = [r for r in read_status(tmp_path / "train" / "status.json") if "val_mAP50" in r.get("kpi", {})]
     best = max(r["kpi"]["val_mAP50"] for r in lines)

@@ -1,71 +1,105 @@
-"""The backend's action registry: spec action name -> the function that runs it.
+"""The actions and their one launcher: `run_action(action, spec)`.
 
-Each entry is a "module:function" string resolved on first use, so importing this module (the CLI and the job
-runner do it before anything heavy) never imports torch. An action function takes an `ExperimentConfig` and
-returns a process exit code. To add an action, add one line to `_REGISTRY` (or call `register_action`).
+Every way of starting an action (the `grounding_dino` CLI, a job's worker, an AutoML trial, the demo) calls
+`run_action`. It loads the spec, finds the action's results folder, writes the spec that runs as `experiment.yaml`
+(secrets left out), and runs the action inside its status.json bookkeeping (STARTED, then SUCCESS or FAILURE).
+Training is the exception to the bookkeeping: its status lines come per epoch from Lightning, on rank 0 only
+(grounding_dino.callbacks.StatusLogger).
+
+Each registry entry names its function as "module:function", imported on first use, so importing this package (the
+CLIs do it before anything heavy) never imports torch. An action function takes the ExperimentConfig and the
+`ActionRun` (its results folder and the Report it fills for the SUCCESS line).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Callable, Dict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from grounding_dino.config import ACTIONS, ExperimentConfig
+import yaml
 
-Action = Callable[[ExperimentConfig], int]
+from grounding_dino.config import ACTIONS, ExperimentConfig, load_experiment, to_dict
+from grounding_dino.layout import EXPERIMENT_FILE, STATUS_FILE, replace_atomically, results_dir_for
+from grounding_dino.status import Report, StatusWriter, reported
 
-_REGISTRY: Dict[str, str] = {
-    "train": "grounding_dino.actions.train:run_training",
-    "evaluate": "grounding_dino.actions.evaluate:run_evaluate",
-    "inference": "grounding_dino.actions.inference:run_inference",
-    "export": "grounding_dino.actions.export:run_export",
-    "quantize": "grounding_dino.actions.quantize:run_quantize",
-    "gen_trt_engine": "grounding_dino.actions.gen_trt_engine:run_gen_trt_engine",
+SECRET_KEYS = ("encryption_key",)
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "module:function"
+    activity: Optional[str]  # the noun of its status lines ("Starting evaluation."); None: it writes its own
+
+
+REGISTRY: Dict[str, Entry] = {
+    "train": Entry("grounding_dino.actions.train:run_training", None),
+    "evaluate": Entry("grounding_dino.actions.evaluate:run_evaluate", "evaluation"),
+    "inference": Entry("grounding_dino.actions.inference:run_inference", "inference"),
+    "export": Entry("grounding_dino.actions.export:run_export", "export"),
+    "quantize": Entry("grounding_dino.actions.quantize:run_quantize", "quantization"),
+    "gen_trt_engine": Entry("grounding_dino.actions.gen_trt_engine:run_gen_trt_engine", "TensorRT engine build"),
 }
+assert set(REGISTRY) == set(ACTIONS), "every spec action has exactly one entry"
 
 
 class ActionError(LookupError):
-    """Base class: the requested action cannot be run by this backend."""
+    """The requested action cannot be run by this backend."""
 
 
-class UnknownActionError(ActionError):
-    """The name is not a Grounding DINO action at all."""
+@dataclass
+class ActionRun:
+    """What an action is handed besides its spec: where it writes, and what its SUCCESS line will say."""
+
+    results_dir: Path
+    report: Report = dataclasses.field(default_factory=Report)
 
 
-class ActionUnavailableError(ActionError):
-    """A real action whose implementation is not built or cannot be imported here."""
-
-
-def register_action(name: str, target: str) -> None:
-    """Register (or replace) the "module:function" that runs action `name`."""
-    module, sep, function = target.partition(":")
-    if not sep or not module or not function:
-        raise ValueError(f"action target must look like 'package.module:function', got {target!r}")
-    _REGISTRY[name] = target
-
-
-def available_actions() -> list[str]:
-    """Actions that have an implementation registered (whether their imports succeed is checked on use)."""
-    return sorted(_REGISTRY)
+Action = Callable[..., Any]
 
 
 def get_action(name: str) -> Action:
-    """The callable for action `name`; raises UnknownActionError or ActionUnavailableError with the reason."""
-    target = _REGISTRY.get(name)
-    if target is None:
-        if name in ACTIONS:
-            raise ActionUnavailableError(
-                f"action {name!r} is not available yet in this backend (implemented: {', '.join(available_actions())})"
-            )
-        raise UnknownActionError(f"unknown action {name!r}; Grounding DINO actions are: {', '.join(ACTIONS)}")
-    module_name, _, function_name = target.partition(":")
+    """The function that runs action `name` (raises ActionError with the reason when it cannot be imported)."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise ActionError(f"unknown action {name!r}; Grounding DINO actions are: {', '.join(ACTIONS)}")
+    module_name, _, function_name = entry.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ActionUnavailableError(
-            f"action {name!r} cannot run: importing {module_name} failed ({err}). "
-            "Install the missing package or the matching pip extra."
-        ) from err
-    try:
-        return getattr(module, function_name)
-    except AttributeError as err:
-        raise ActionUnavailableError(f"action {name!r}: {module_name} has no function {function_name!r}") from err
+        raise ActionError(f"action {name!r} cannot run: importing {module_name} failed ({err}). "
+                          "Install the missing package or the matching pip extra.") from err
+    return getattr(module, function_name)
+
+
+def redacted(spec: Mapping[str, Any]) -> dict:
+    """The spec as it may be written to disk: secrets become null."""
+    return {**spec, **{key: None for key in SECRET_KEYS if key in spec}}
+
+
+def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
+    """`experiment.yaml`: the spec that runs, secrets left out. Every DDP rank may call it: the file is replaced
+    atomically with the same content."""
+    path = results_dir / EXPERIMENT_FILE
+    replace_atomically(path, yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
+    return path
+
+
+def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **options: Any) -> int:
+    """Run `action` on `spec` (a validated spec dict or an ExperimentConfig); returns the exit code, 0.
+
+    `options` go to the action function (train takes extra Lightning `callbacks`, e.g. an AutoML pruner).
+    """
+    cfg = spec if isinstance(spec, ExperimentConfig) else load_experiment(dict(spec))
+    function = get_action(action)
+    run = ActionRun(results_dir_for(action, cfg))
+    write_experiment(run.results_dir, cfg)
+    activity = REGISTRY[action].activity
+    if activity is None:
+        function(cfg, run, **options)
+        return 0
+    with reported(StatusWriter(run.results_dir / STATUS_FILE), activity) as report:
+        run.report = report
+        function(cfg, run, **options)
+    return 0

@@ -21,23 +21,13 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from grounding_dino.actions import ActionRun
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.evaluation import CocoEvaluator
 from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
-from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
-
-
-def results_folder(cfg: ExperimentConfig, action: str) -> Path:
-    """`<action>.results_dir`, else `<results_dir>/<action>`."""
-    own = getattr(cfg, action).results_dir
-    if own:
-        return Path(own)
-    if cfg.results_dir:
-        return Path(cfg.results_dir) / action
-    raise ValueError(f"set results_dir (or {action}.results_dir): {action} needs a folder for its outputs")
 
 
 def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optional[Path] = None,
@@ -70,20 +60,13 @@ def print_per_class(rows: List[dict]) -> None:
         print(f"{row['AP50']:8.4f} {row['AP']:7.4f} {row['objects']:8d}  {row['name']}")
 
 
-def run_evaluate(cfg: ExperimentConfig) -> int:
-    """The `evaluate` action: evaluate.checkpoint (or trt_engine) on dataset.test_data_sources; returns 0."""
-    results_dir = results_folder(cfg, "evaluate")
-    status = StatusWriter(results_dir / "status.json")
-    status.write("STARTED", "Starting evaluation.")
-    try:
-        predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
-        metrics = evaluate(cfg, predictor, results_dir / "detections.json", results_dir / "per_class.json")
-    except Exception as err:
-        status.write("FAILURE", f"Evaluation failed: {type(err).__name__}: {err}", verbosity="ERROR")
-        raise
+def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
+    """The `evaluate` action: evaluate.checkpoint (or trt_engine) on dataset.test_data_sources."""
+    results_dir = run.results_dir
+    predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
+    metrics = evaluate(cfg, predictor, results_dir / "detections.json", results_dir / "per_class.json")
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     for name, value in metrics.items():
         print(f"{name:>10}: {value:.4f}")
     print_per_class(json.loads((results_dir / "per_class.json").read_text()))
-    status.write("SUCCESS", "Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()})
-    return 0
+    run.report.succeed("Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()})

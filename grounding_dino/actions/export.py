@@ -1,6 +1,6 @@
 """The export action: a checkpoint -> an ONNX file with the deploy contract, checked against PyTorch.
 
-The contract (DESIGN.md "Export", grounding-dino.md §7): inputs `inputs` [B,3,H,W] float32, `input_ids`,
+The contract (docs/architecture.md, "Export"): inputs `inputs` [B,3,H,W] float32, `input_ids`,
 `attention_mask` (bool), `position_ids`, `token_type_ids` [B,L], `text_token_mask` [B,L,L] bool; outputs
 `pred_logits` [B,Q,L] and `pred_boxes` [B,Q,4], L = model.max_text_len. The text masks and position ids are
 inputs: the caller builds them with the tokenizer's `sub_sentence_masks`, the function training uses, so the graph
@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
 from torch import Tensor, nn
 
+from grounding_dino.actions import ActionRun
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.synthetic import render, vocabulary
 from grounding_dino.data.transforms import build_transforms
-from grounding_dino.actions.evaluate import results_folder
+from grounding_dino.layout import results_dir_for
+from grounding_dino.model import transformer
 from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
-from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def export_path(cfg: ExperimentConfig) -> Path:
     """export.onnx_file, else <export results folder>/model.onnx."""
     if cfg.export.onnx_file:
         return Path(cfg.export.onnx_file)
-    return results_folder(cfg, "export") / "model.onnx"
+    return results_dir_for("export", cfg) / "model.onnx"
 
 
 def sample_inputs(model: nn.Module, cfg: ExperimentConfig, width: int, height: int, batch: int,
@@ -100,8 +103,6 @@ def export_onnx(model: nn.Module, path: Path, example: Dict[str, Tensor], *, dyn
 
 def _set_output_shapes(path: Path, shapes: Dict[str, list]) -> None:
     """Write the output shapes the contract promises (the tracer leaves Q and L as anonymous symbols)."""
-    import onnx
-
     proto = onnx.load(str(path), load_external_data=False)
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
@@ -137,8 +138,6 @@ class Verification:
 def check_contract(path: Path, *, max_text_len: int, num_queries: int, width: int, height: int,
                    batch: int = -1) -> None:
     """onnx.checker plus the contract's names, element types and shapes; raises ValueError listing differences."""
-    import onnx
-
     onnx.checker.check_model(str(path))
     proto = onnx.load(str(path), load_external_data=False)
     b = BATCH_AXIS if batch == -1 else batch
@@ -173,8 +172,6 @@ def check_contract(path: Path, *, max_text_len: int, num_queries: int, width: in
 def _with_selection_output(path: Path, folder: Path) -> Tuple[Path, str | None]:
     """A copy of the graph that also outputs the query-selection indices (the one TopK), and that output's name;
     the graph itself when there is no TopK (two_stage_type 'no')."""
-    import onnx
-
     proto = onnx.load(str(path))
     topk = [node for node in proto.graph.node if node.op_type == "TopK"]
     if len(topk) != 1:
@@ -189,8 +186,6 @@ def _with_selection_output(path: Path, folder: Path) -> Tuple[Path, str | None]:
 @contextmanager
 def _forced_selection(selection: Tensor | None, seen: Dict[str, Tensor]):
     """PyTorch picks `selection` (None: its own choice) as its queries; `seen` receives scores and own choice."""
-    from grounding_dino.model import transformer
-
     original = transformer._top_indices
 
     def pick(scores: Tensor, k: int) -> Tensor:
@@ -210,8 +205,6 @@ def compare_with_torch(path: Path, model: nn.Module, feeds: Sequence[Dict[str, T
 
     Raises ExportVerificationError when the two disagree on which logits are finite.
     """
-    import onnxruntime
-
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     device = next(model.parameters()).device
@@ -286,21 +279,14 @@ def load_for_export(path: str, cfg: ExperimentConfig, section: str = "export") -
     return TorchPredictor.load(path, cfg, section).model.to(device).eval()
 
 
-def run_export(cfg: ExperimentConfig) -> int:
-    """The `export` action: export.checkpoint -> export.onnx_file (or <results>/export/model.onnx); returns 0."""
-    results_dir = results_folder(cfg, "export")
-    status = StatusWriter(results_dir / "status.json")
-    status.write("STARTED", "Starting export.")
-    try:
-        if not cfg.export.checkpoint:
-            raise ValueError("export.checkpoint is not set: give the .pth checkpoint to export")
-        if not Path(cfg.export.checkpoint).is_file():
-            raise FileNotFoundError(f"export.checkpoint: {cfg.export.checkpoint} does not exist")
-        model = load_for_export(cfg.export.checkpoint, cfg)
-        path, result = export_model(model, cfg, export_path(cfg))
-    except Exception as err:
-        status.write("FAILURE", f"Export failed: {type(err).__name__}: {err}", verbosity="ERROR")
-        raise
+def run_export(cfg: ExperimentConfig, run: ActionRun) -> None:
+    """The `export` action: export.checkpoint -> export.onnx_file (or <results>/export/model.onnx)."""
+    if not cfg.export.checkpoint:
+        raise ValueError("export.checkpoint is not set: give the .pth checkpoint to export")
+    if not Path(cfg.export.checkpoint).is_file():
+        raise FileNotFoundError(f"export.checkpoint: {cfg.export.checkpoint} does not exist")
+    model = load_for_export(cfg.export.checkpoint, cfg)
+    path, result = export_model(model, cfg, export_path(cfg))
     message = f"Exported {path}."
     if result is not None:
         message += (f" ONNX Runtime matches PyTorch at batch {', '.join(map(str, result.batch_sizes))}: max |diff| "
@@ -308,5 +294,4 @@ def run_export(cfg: ExperimentConfig) -> int:
                     f"{result.max_abs_diff_selection:.3g} on selection scores ({result.queries_reselected} near-tied "
                     "queries picked in another order).")
     print(message)
-    status.write("SUCCESS", message, onnx_file=str(path), kpi=result.kpi() if result else None)
-    return 0
+    run.report.succeed(message, onnx_file=str(path), kpi=result.kpi() if result else None)

@@ -30,14 +30,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from grounding_dino.actions import ActionRun
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import normalize_name
 from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.draw import draw_detections, phrase_colors
-from grounding_dino.actions.evaluate import results_folder
 from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
-from grounding_dino.status import StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +166,8 @@ def _write_image(path: Path, out: Path, found, colors, outline_width: int, resul
     drawn.save(annotated, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
 
 
-def run_inference(cfg: ExperimentConfig) -> int:
-    """The `inference` action: inference.checkpoint (or trt_engine) on dataset.infer_data_sources; returns 0."""
-    results_dir = results_folder(cfg, "inference")
-    status = StatusWriter(results_dir / "status.json")
-    status.write("STARTED", "Starting inference.")
-    try:
-        predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
-        records = infer(cfg, predictor, results_dir)
-    except Exception as err:
-        status.write("FAILURE", f"Inference failed: {type(err).__name__}: {err}", verbosity="ERROR")
-        raise
-    status.write("SUCCESS", f"Inference finished: {len(records)} detections.")
-    return 0
+def run_inference(cfg: ExperimentConfig, run: ActionRun) -> None:
+    """The `inference` action: inference.checkpoint (or trt_engine) on dataset.infer_data_sources."""
+    predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
+    records = infer(cfg, predictor, run.results_dir)
+    run.report.succeed(f"Inference finished: {len(records)} detections.")

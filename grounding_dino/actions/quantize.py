@@ -28,17 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
+import onnx
 import onnxruntime.quantization as ort_quant
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import Tensor, nn
 
+from grounding_dino.actions import ActionRun
+from grounding_dino.actions.evaluate import evaluate
+from grounding_dino.actions.export import export_model, load_for_export
 from grounding_dino.config import ExperimentConfig, QuantizeConfig
 from grounding_dino.data import build_dataloader
-from grounding_dino.actions.evaluate import evaluate, results_folder
-from grounding_dino.predictor import ONNX_INPUTS, OnnxPredictor, Predictor, TorchPredictor, split_prompt
-from grounding_dino.status import StatusWriter
+from grounding_dino.predictor import (
+    ONNX_INPUTS,
+    OnnxPredictor,
+    Predictor,
+    TorchPredictor,
+    split_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +112,6 @@ def _onnx_calibration(cfg: ExperimentConfig, onnx_path: Path):
 
 def _excluded_nodes(onnx_path: Path, patterns: Sequence[str]) -> List[str]:
     """Node names of the graph matching quantize.skip_names (fnmatch); a pattern matching nothing is an error."""
-    import onnx
-
     names = [node.name for node in onnx.load(str(onnx_path), load_external_data=False).graph.node]
     excluded = []
     for pattern in patterns:
@@ -121,7 +128,7 @@ def _excluded_nodes(onnx_path: Path, patterns: Sequence[str]) -> List[str]:
 
 
 @dataclass
-class Job:
+class QuantizeRun:
     cfg: ExperimentConfig
     results_dir: Path
     model_path: Path
@@ -139,12 +146,10 @@ _ORT_OPS_STATIC = ["Conv", "MatMul", "Gemm"]
 _ORT_OPS_DYNAMIC = ["MatMul", "Gemm"]
 
 
-def _onnx_input(job: Job) -> Path:
+def _onnx_input(job: QuantizeRun) -> Path:
     """quantize.model_path as an ONNX file: exported first (export section settings) when it is a checkpoint."""
     if job.model_path.suffix.lower() == ".onnx":
         return job.model_path
-    from grounding_dino.actions.export import export_model, load_for_export
-
     model = load_for_export(str(job.model_path), job.cfg, "quantize")
     path, _ = export_model(model, job.cfg, job.results_dir / "model.onnx")
     return path
@@ -171,7 +176,7 @@ def dynamic_int8(prepared: Path, output: Path, excluded: Sequence[str] = ()) -> 
     return output
 
 
-def quantize_onnxruntime(job: Job) -> Outcome:
+def quantize_onnxruntime(job: QuantizeRun) -> Outcome:
     options = job.cfg.quantize
     source = _onnx_input(job)
     prepared = job.results_dir / "model_preprocessed.onnx"
@@ -201,10 +206,8 @@ class _Reader(CalibrationDataReader):
 _MODELOPT_DTYPES = {"int8": "int8", "fp8_e4m3fn": "fp8"}
 
 
-def quantize_modelopt_onnx(job: Job) -> Outcome:
+def quantize_modelopt_onnx(job: QuantizeRun) -> Outcome:
     modelopt_onnx = require("modelopt.onnx.quantization", "modelopt.onnx")
-    import numpy as np
-
     options = job.cfg.quantize
     source = _onnx_input(job)
     feeds, _ = _onnx_calibration(job.cfg, source)
@@ -221,7 +224,7 @@ def quantize_modelopt_onnx(job: Job) -> Outcome:
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
 
 
-def _torch_model(job: Job) -> nn.Module:
+def _torch_model(job: QuantizeRun) -> nn.Module:
     if job.model_path.suffix.lower() == ".onnx":
         raise ValueError(f"quantize.backend '{job.cfg.quantize.backend}' quantizes the PyTorch model: set "
                          f"quantize.model_path to the .pth checkpoint, not {job.model_path}")
@@ -235,7 +238,7 @@ def _skipped(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def quantize_modelopt_pytorch(job: Job) -> Outcome:
+def quantize_modelopt_pytorch(job: QuantizeRun) -> Outcome:
     mtq = require("modelopt.torch.quantization", "modelopt.pytorch")
     mto = require("modelopt.torch.opt", "modelopt.pytorch")
     options = job.cfg.quantize
@@ -262,7 +265,7 @@ def quantize_modelopt_pytorch(job: Job) -> Outcome:
     return Outcome(output, TorchPredictor(model), lambda: TorchPredictor(float_model))
 
 
-def quantize_torchao(job: Job) -> Outcome:
+def quantize_torchao(job: QuantizeRun) -> Outcome:
     torchao = require("torchao.quantization", "torchao")
     options = job.cfg.quantize
     model = _torch_model(job)
@@ -276,7 +279,7 @@ def quantize_torchao(job: Job) -> Outcome:
 
 @dataclass(frozen=True)
 class Backend:
-    run: Callable[[Job], Outcome]
+    run: Callable[[QuantizeRun], Outcome]
     modes: Tuple[str, ...]
     algorithms: Tuple[str, ...]
     dtypes: Tuple[str, ...]
@@ -320,35 +323,28 @@ def _val_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return val
 
 
-def run_quantize(cfg: ExperimentConfig) -> int:
+def run_quantize(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `quantize` action: quantize.model_path -> the backend's quantized model in the results folder."""
-    results_dir = results_folder(cfg, "quantize")
-    status = StatusWriter(results_dir / "status.json")
-    status.write("STARTED", f"Starting quantization ({cfg.quantize.backend}, {cfg.quantize.mode}).")
-    try:
-        backend = check_options(cfg.quantize)
-        if not cfg.quantize.model_path:
-            raise ValueError("quantize.model_path is not set: give a .pth checkpoint or an exported .onnx")
-        model_path = Path(cfg.quantize.model_path)
-        if not model_path.is_file():
-            raise FileNotFoundError(f"quantize.model_path: {model_path} does not exist")
-        results_dir.mkdir(parents=True, exist_ok=True)
-        outcome = backend.run(Job(cfg, results_dir, model_path))
-        results = {"backend": cfg.quantize.backend, "mode": cfg.quantize.mode, "quantized_model": str(outcome.path)}
-        kpi = {}
-        if cfg.quantize.evaluate:
-            val = _val_config(cfg)
-            results["quantized"] = evaluate(val, outcome.quantized)
-            results["float"] = evaluate(val, outcome.float())
-            kpi = {f"{kind}_{metric}": results[kind][metric] for kind in ("float", "quantized")
-                   for metric in ("mAP", "mAP50")}
-    except Exception as err:
-        status.write("FAILURE", f"Quantization failed: {type(err).__name__}: {err}", verbosity="ERROR")
-        raise
+    results_dir = run.results_dir
+    backend = check_options(cfg.quantize)
+    if not cfg.quantize.model_path:
+        raise ValueError("quantize.model_path is not set: give a .pth checkpoint or an exported .onnx")
+    model_path = Path(cfg.quantize.model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"quantize.model_path: {model_path} does not exist")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    outcome = backend.run(QuantizeRun(cfg, results_dir, model_path))
+    results = {"backend": cfg.quantize.backend, "mode": cfg.quantize.mode, "quantized_model": str(outcome.path)}
+    kpi = {}
+    if cfg.quantize.evaluate:
+        val = _val_config(cfg)
+        results["quantized"] = evaluate(val, outcome.quantized)
+        results["float"] = evaluate(val, outcome.float())
+        kpi = {f"{kind}_{metric}": results[kind][metric] for kind in ("float", "quantized")
+               for metric in ("mAP", "mAP50")}
     (results_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    message = f"Quantized model: {outcome.path}."
+    message = f"Quantized model ({cfg.quantize.backend}, {cfg.quantize.mode}): {outcome.path}."
     if kpi:
         message += f" mAP50 float {kpi['float_mAP50']:.4f}, quantized {kpi['quantized_mAP50']:.4f}."
     print(message)
-    status.write("SUCCESS", message, quantized_model=str(outcome.path), kpi=kpi or None)
-    return 0
+    run.report.succeed(message, quantized_model=str(outcome.path), kpi=kpi or None)

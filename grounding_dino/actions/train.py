@@ -1,7 +1,7 @@
 """The train action: a Lightning run built from the spec's train section.
 
-`run_training(cfg)` is what `grounding_dino train -e spec.yaml` and the job runner call (through
-`grounding_dino.actions.get_action("train")`). Under DDP, Lightning relaunches the same command line once per extra
+`run_training` is what `grounding_dino.actions.run_action("train", spec)` runs, for the CLI, jobs and AutoML
+trials alike. Under DDP, Lightning relaunches the same command line once per extra
 local rank, so everything here runs in every rank; files are written by global rank 0 only.
 """
 from __future__ import annotations
@@ -15,31 +15,24 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
+from grounding_dino.actions import ActionRun
 from grounding_dino.callbacks import (
     AtomicCheckpointIO,
     GDinoCheckpoint,
     ReproducibleEpochs,
     RngState,
     StatusLogger,
-    WriteSpec,
 )
 from grounding_dino.config import ExperimentConfig, TrainConfig, WandbConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
+from grounding_dino.model.checkpoint import load_weights
 
 log = logging.getLogger(__name__)
 
 PRECISION = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
-
-
-def train_results_dir(cfg: ExperimentConfig) -> Path:
-    """`train.results_dir`, else `<results_dir>/train`."""
-    if cfg.train.results_dir:
-        return Path(cfg.train.results_dir)
-    if cfg.results_dir:
-        return Path(cfg.results_dir) / "train"
-    raise ValueError("set results_dir (or train.results_dir): training needs a folder for checkpoints and logs")
 
 
 def _devices(train: TrainConfig):
@@ -60,8 +53,6 @@ def _strategy(train: TrainConfig, accelerator: str, devices):
         if accelerator != "gpu":
             raise ValueError("train.distributed_strategy 'fsdp' needs CUDA GPUs and none is visible here; "
                              "use 'ddp' on CPU")
-        from lightning.pytorch.strategies import FSDPStrategy
-
         return FSDPStrategy(state_dict_type="full")
     return "ddp" if processes > 1 else "auto"
 
@@ -108,7 +99,6 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
             RngState(),
             ReproducibleEpochs(train.seed),
             StatusLogger(results_dir, train.num_epochs),
-            WriteSpec(results_dir / "experiment.yaml", cfg),
             LearningRateMonitor(logging_interval="epoch"),
             *callbacks,
         ],
@@ -124,8 +114,6 @@ def build_module(cfg: ExperimentConfig, resume_checkpoint: Optional[dict] = None
         return _frozen(GroundingDINOModule(cfg, backbone_pretrained=pretrained), cfg)
     module = GroundingDINOModule(cfg, backbone_pretrained=bool(cfg.train.pretrained_model_path))
     if cfg.train.pretrained_model_path:
-        from grounding_dino.model.checkpoint import load_weights
-
         report = load_weights(module.model, cfg.train.pretrained_model_path)
         log.info("loaded train.pretrained_model_path %s: %s", cfg.train.pretrained_model_path, report)
     return _frozen(module, cfg)
@@ -138,20 +126,20 @@ def _frozen(module: GroundingDINOModule, cfg: ExperimentConfig) -> GroundingDINO
     return module
 
 
-def run_training(cfg: ExperimentConfig, callbacks: Optional[Sequence[Callback]] = None) -> int:
-    """Train as the spec says; returns 0. Extra Lightning callbacks (e.g. an AutoML pruner) may be passed."""
+def run_training(cfg: ExperimentConfig, run: ActionRun, callbacks: Sequence[Callback] = ()) -> None:
+    """Train as the spec says. Extra Lightning callbacks (e.g. an AutoML pruner) may be passed."""
     resume = cfg.train.resume_training_checkpoint_path
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"train.resume_training_checkpoint_path {resume} does not exist")
     if cfg.train.pretrained_model_path and not os.path.exists(cfg.train.pretrained_model_path):
         raise FileNotFoundError(f"train.pretrained_model_path {cfg.train.pretrained_model_path} does not exist")
-    results_dir = train_results_dir(cfg)
+    results_dir = run.results_dir
     seed_everything(cfg.train.seed, workers=True)
     # mmap: only the small metadata is read here; Lightning loads the checkpoint for real in fit()
     saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True) if resume else None
     module = build_module(cfg, saved)
     del saved
-    trainer = build_trainer(cfg, results_dir, callbacks or ())
+    trainer = build_trainer(cfg, results_dir, callbacks)
     tokenizer = module.model.tokenizer
     trainer.fit(
         module,
@@ -159,4 +147,3 @@ def run_training(cfg: ExperimentConfig, callbacks: Optional[Sequence[Callback]] 
         val_dataloaders=build_dataloader(cfg, "val", tokenizer=tokenizer),
         ckpt_path=resume or None,
     )
-    return 0

@@ -33,10 +33,6 @@ def tensorrt(gpu_id: int = 0):
     return trt
 
 
-def major_version(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
 def always_strongly_typed(trt) -> bool:
     """TensorRT 11 removed the FP16 builder flag: precision comes from the ONNX types alone."""
     return not hasattr(trt.BuilderFlag, "FP16")

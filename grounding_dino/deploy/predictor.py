@@ -15,6 +15,7 @@ from torch import Tensor
 
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.deploy import tensorrt
+from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
 from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, Predictor, pad_text
 
 
@@ -56,8 +57,6 @@ class TensorRTPredictor(Predictor):
     def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "TensorRTPredictor":
         gpu_ids = getattr(getattr(cfg, section), "gpu_ids", None) or [0]
         tensorrt(gpu_ids[0])  # fail fast, before the tokenizer loads
-        from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
-
         tokenizer = CaptionTokenizer(resolve_text_encoder(cfg.model.text_encoder_type), cfg.model.max_text_len)
         return cls(path, tokenizer, gpu_ids[0])
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+import timm
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -81,8 +82,6 @@ class Backbone(nn.Module):
             raise ValueError(f"model.backbone: unknown '{name}' (known: {', '.join(BACKBONES)}).")
         if not stages or min(stages) < 0 or max(stages) > 3:
             raise ValueError(f"model.return_interm_indices: backbone stages are 0..3 (4 = extra level), got {stages}.")
-        import timm
-
         self.spec = BACKBONES[name]
         self.stages = stages
         self.body = timm.create_model(self.spec.timm_name, pretrained=False, features_only=True,

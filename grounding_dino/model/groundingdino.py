@@ -65,7 +65,7 @@ class GroundingDINO(nn.Module):
         """Training mode, except for submodules whose parameters are all frozen (train.freeze, or a backbone that does
         not train): those stay in eval mode. A frozen part is then the fixed function inference uses: a frozen text
         encoder applies no dropout and a frozen backbone's norm layers keep their statistics. It also saves the
-        frozen encoder's dropout masks, about 2 % of a small-config CPU step."""
+        frozen encoder's dropout masks."""
         super().train(mode)
         if mode:
             _eval_frozen(self)

@@ -1,8 +1,8 @@
 """The compiled CPU kernel for multi-scale deformable attention (csrc/ms_deform_attn_cpu.cpp), used when it can be.
 
 It samples, weights and sums each point in one pass, where the plain path materialises every sampled value, then
-multiplies and sums them (on a 2-core AVX2 CPU at the small benchmark config, an encoder layer's attention module,
-forward and backward, takes 41 ms against 96, and the training step about 15 % less). It is built on first use with
+multiplies and sums them, so it saves both the memory traffic and the time (README, "Performance"). It is built on
+first use with
 torch.utils.cpp_extension (a C++ compiler and ninja; about 30 s, once per machine and instruction set, cached under
 TORCH_EXTENSIONS_DIR). Without them, with GDINO_MSDA_KERNEL=0, on GPU, in another dtype, or while exporting, the plain
 PyTorch path runs instead and gives the same results.

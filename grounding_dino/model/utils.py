@@ -1,5 +1,4 @@
 """Small building blocks shared by the transformer parts."""
-import copy
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +23,6 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     """logit(x) with x clamped to [eps, 1-eps] (the official Grounding DINO/DINO clamp)."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def clones(module: nn.Module, n: int) -> nn.ModuleList:
-    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:

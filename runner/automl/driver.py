@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from grounding_dino.config import load_experiment, to_dict
+from grounding_dino.layout import BEST_AUTOML, BEST_MODEL_DIR, JOB_RECORD, JOB_SPEC, replace_atomically
 from runner.automl.report import write_report
 from runner.automl.search_space import apply_params, build_search_space, get_path
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
@@ -26,9 +27,6 @@ from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL
                                  redact, storage_url)
 from sdk.errors import SpecError
 from sdk.spec import load_spec
-
-BEST_DIR = "best_model"
-BEST_FILE = "best_automl.json"
 
 # run_trial(trial, spec, trial_dir) -> metric value. It trains with the trial's spec, reports intermediate values
 # through `trial` (raising optuna.TrialPruned when told to stop) and records CHECKPOINT_ATTR.
@@ -160,8 +158,8 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
     if not name:
         raise RuntimeError(f"trial {best.number} completed without recording its checkpoint "
                            f"(user attr {CHECKPOINT_ATTR!r}); its run_trial must set it")
-    folder = root / BEST_DIR
-    info_file = folder / BEST_FILE
+    folder = root / BEST_MODEL_DIR
+    info_file = folder / BEST_AUTOML
     if info_file.is_file() and (folder / name).is_file() and json.loads(info_file.read_text())["trial"] == best.number:
         return best
     source = root / f"trial_{best.number}" / name
@@ -186,9 +184,7 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
         "checkpoint": name,
         "source": str(source.relative_to(root)),
     }
-    partial = folder / f".{BEST_FILE}.partial"
-    partial.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, info_file)
+    replace_atomically(info_file, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return best
 
 
@@ -200,7 +196,7 @@ def _load(source) -> tuple[Dict[str, Any], Path, str]:
     else:
         path = Path(source)
         if path.is_dir():
-            job_dir, path = path, path / "spec.yaml"
+            job_dir, path = path, path / JOB_SPEC
         raw, where = load_spec(path), str(path)
     spec = to_dict(load_experiment(raw))
     if spec["results_dir"] is None:
@@ -211,7 +207,7 @@ def _load(source) -> tuple[Dict[str, Any], Path, str]:
     root = Path(spec["results_dir"])
     name = root.name
     if job_dir is not None:
-        job_file = job_dir / "job.json"
+        job_file = job_dir / JOB_RECORD
         name = json.loads(job_file.read_text()).get("id", job_dir.name) if job_file.is_file() else job_dir.name
     return spec, root, name
 

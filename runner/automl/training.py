@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional
 import optuna
 import yaml
 
+from grounding_dino.actions import redacted
+from grounding_dino.layout import checkpoints_at_step
 from runner.automl.study import CHECKPOINT_ATTR, open_storage, open_study
 from sdk.mappings import ENCRYPTION_KEY_ENV
 
@@ -34,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def train_trial(trial: optuna.Trial, spec: Dict[str, Any], trial_dir: Path) -> float:
     """Train one trial in a child process; returns its best validated metric (raises TrialPruned if pruned)."""
-    on_disk = dict(spec, encryption_key=None)  # the key travels in the environment, never in a file
+    on_disk = redacted(spec)  # the key travels in the environment, never in a file
     (trial_dir / SPEC_FILE).write_text(yaml.safe_dump(on_disk, sort_keys=False))
     result_file = trial_dir / RESULT_FILE
     result_file.unlink(missing_ok=True)
@@ -69,7 +71,7 @@ def _best_validation(trial: optuna.Trial, history: List[List[float]], trial_dir:
         raise RuntimeError(f"trial {trial.number} finished without a validation; check train.validation_interval "
                            "against train.num_epochs")
     epochs, step, value = max(history, key=lambda h: (h[2] if math.isfinite(h[2]) else -math.inf, h[0]))
-    matches = sorted(trial_dir.glob(f"model_epoch_*_step_{int(step):05d}.pth"))
+    matches = checkpoints_at_step(trial_dir, int(step))
     if not matches:
         raise RuntimeError(f"trial {trial.number}: no checkpoint in {trial_dir} for step {step} (epoch {epochs}), "
                            "the best validation")
@@ -103,8 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
 
-    from grounding_dino.config import load_experiment
-    from grounding_dino.actions.train import run_training
+    from grounding_dino.actions import run_action
     from runner.automl.pruning import PruningCallback
 
     spec = yaml.safe_load(args.spec.read_text())
@@ -118,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, args.trial)
     trial = optuna.trial.Trial(study, trial_id)
     callback = PruningCallback(trial, settings["metric"], train["num_epochs"])
-    run_training(load_experiment(spec), callbacks=[callback])
+    run_action("train", spec, callbacks=[callback])
     if callback.is_global_zero:
         result = {"history": callback.history, "pruned_at": callback.pruned_at}
         (args.spec.parent / RESULT_FILE).write_text(json.dumps(result) + "\n")

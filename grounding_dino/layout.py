@@ -1,0 +1,100 @@
+"""Where every file of a run lives, and how it is written: the one place that names them.
+
+Two folders nest. A job folder (`<workspace>/jobs/<id>/`, made by the SDK) holds the job record, the spec that ran,
+the log and the results root. An action's results folder (TAO's names) holds its checkpoints, the latest-checkpoint
+link, an AutoML run's best model, `experiment.yaml` and `status.json`. The SDK, the runner and the backend all read
+and write through the names and functions here, so a file name is never spelled twice.
+
+Torch-free on purpose: the SDK imports this module the way it imports grounding_dino.config.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
+
+import yaml
+
+PathLike = Union[str, os.PathLike]
+
+# -- a job folder ------------------------------------------------------------------------------------------------
+JOB_RECORD = "job.json"
+JOB_SPEC = "spec.yaml"
+JOB_LOG = "log.txt"
+JOB_RESULTS = "results"
+JOB_LOCK = ".lock"
+# The module a job's child process runs (`python -m <it> <job_dir>`); the SDK starts it by name, never imports it.
+JOB_PROCESS_MODULE = "runner.job_process"
+
+# -- an action's results folder ------------------------------------------------------------------------------------
+EXPERIMENT_FILE = "experiment.yaml"
+STATUS_FILE = "status.json"
+CHECKPOINT_STEM = "model_epoch_{epoch:03d}_step_{step:05d}"
+CHECKPOINT_SUFFIX = ".pth"
+CHECKPOINT_RE = re.compile(r"^model_epoch_(\d+)_step_(\d+)\.pth$")
+LATEST_LINK = "gdino_model_latest.pth"
+BEST_MODEL_DIR = "best_model"
+BEST_AUTOML = "best_automl.json"
+
+
+def results_dir_for(action: str, spec: Any) -> Path:
+    """`<action>.results_dir` when set, else `<results_dir>/<action>`.
+
+    `spec` is a spec dict or an ExperimentConfig; raises ValueError when neither folder is set.
+    """
+    if isinstance(spec, Mapping):
+        own, root = (spec.get(action) or {}).get("results_dir"), spec.get("results_dir")
+    else:
+        own, root = getattr(getattr(spec, action), "results_dir", None), spec.results_dir
+    if own:
+        return Path(own)
+    if root:
+        return Path(root) / action
+    raise ValueError(f"set results_dir (or {action}.results_dir): {action} needs a folder for its outputs")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return CHECKPOINT_STEM.format(epoch=epoch, step=step) + CHECKPOINT_SUFFIX
+
+
+def parse_checkpoint_name(name: str) -> Optional[Tuple[int, int]]:
+    """(epoch, step) of a checkpoint file name, else None."""
+    match = CHECKPOINT_RE.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def checkpoints_at_step(folder: Path, step: int) -> list[Path]:
+    """The checkpoints in `folder` saved at global step `step`, by name."""
+    return sorted(p for p in folder.iterdir() if (parse_checkpoint_name(p.name) or (None, None))[1] == step)
+
+
+def read_job_spec(job_dir: PathLike) -> dict:
+    """The spec a job ran (or will run) with."""
+    return yaml.safe_load((Path(job_dir) / JOB_SPEC).read_text(encoding="utf-8")) or {}
+
+
+def replace_atomically(path: PathLike, write: Union[str, bytes, Callable[[str], None]]) -> None:
+    """Write `path` through a hidden temporary file beside it, flushed to disk, then renamed over it.
+
+    `write` is the text or bytes, or a function that writes the temporary path. A crash mid-write leaves at most a
+    hidden `.*.tmp` file, never a truncated file under the final name, and readers see the old or the new file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if callable(write):
+            os.close(fd)
+            write(tmp)
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(write.encode("utf-8") if isinstance(write, str) else write)
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
