@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from sdk.errors import SkillBankError
@@ -139,6 +140,7 @@ def data_cmd(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillbank", description="Grounding DINO skill bank: jobs, preflight, "
                                                                    "schemas.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('grounding-dino-skillbank')}")
     parser.add_argument("--workspace", default=DEFAULT_WORKSPACE,
                         help="workspace folder holding jobs/ and cache/ (env SKILLBANK_WORKSPACE; default %(default)s)")
     parser.add_argument("--cache-dir", help="cache for S3 data and extracted archives (default <workspace>/cache)")

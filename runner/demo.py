@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from grounding_dino.layout import BEST_AUTOML, read_job_spec
+from sdk.skill_info import BANK_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO_ROOT / "examples" / "demo_workflow.py"
+WORKFLOW = BANK_ROOT / "examples" / "demo_workflow.py"
 SEED = 7
 IMAGE_SIZE = 256
 MAX_OBJECTS = 6
@@ -283,7 +283,7 @@ def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = F
     data = workspace / "data"
     make_data(data, num_train, num_val, num_infer, runner.PARAMS["captions"])
     seconds = {"data": round(time.monotonic() - started, 1)}
-    print(f"[demo] running {WORKFLOW.relative_to(REPO_ROOT)} in {workspace}", flush=True)
+    print(f"[demo] running {WORKFLOW.relative_to(BANK_ROOT)} in {workspace}", flush=True)
     jobs = runner.run(SkillBank(workspace), {"data": str(data), "base_model": str(BASE_MODEL),
                                              "max_trials": max_trials, "num_epochs": num_epochs})
     seconds["total"] = round(time.monotonic() - started, 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import List, Optional
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.format(shorthand=shorthand),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('grounding-dino-skillbank')}")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
                                     help=", ".join(gd_config.ACTIONS))
     for name in gd_config.ACTIONS:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 import yaml
 
 from grounding_dino import config as gd_config
-from sdk.skill_info import REPO_ROOT, SkillInfo, load_skill_info
+from sdk.skill_info import BANK_ROOT, SkillInfo, load_skill_info
 
 MODEL = "grounding_dino"
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -169,7 +169,7 @@ def build_action_schema(action: str) -> Dict[str, Any]:
 
 def action_schema(action: str) -> Dict[str, Any]:
     """The action's schema from its generated file, or built in memory when the file is absent."""
-    path = REPO_ROOT / "schemas" / MODEL / f"{action}.schema.json"
+    path = BANK_ROOT / "schemas" / MODEL / f"{action}.schema.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     return build_action_schema(action)
@@ -273,7 +273,7 @@ def _stale_candidates(info: SkillInfo) -> List[Path]:
     return found
 
 
-def generate(root: Path | str = REPO_ROOT) -> List[Path]:
+def generate(root: Path | str = BANK_ROOT) -> List[Path]:
     """Write every generated file under `root` (and remove generated-looking files no action owns)."""
     info = load_skill_info(MODEL, root)
     files = render(info)
@@ -286,7 +286,7 @@ def generate(root: Path | str = REPO_ROOT) -> List[Path]:
     return sorted(files)
 
 
-def check(root: Path | str = REPO_ROOT) -> List[str]:
+def check(root: Path | str = BANK_ROOT) -> List[str]:
     """Problems with the generated files under `root` (empty = fresh)."""
     info = load_skill_info(MODEL, root)
     files = render(info)
@@ -305,7 +305,8 @@ def check(root: Path | str = REPO_ROOT) -> List[str]:
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdk.schema_gen", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("generate", "check"))
-    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)")
+    parser.add_argument("--root", type=Path, default=BANK_ROOT,
+                        help="folder holding references/ and schemas/ (default: the one the code reads)")
     args = parser.parse_args(argv)
     if args.command == "generate":
         for path in generate(args.root):

@@ -6,6 +6,7 @@ parses it into typed objects and rejects a malformed file with the key path of t
 """
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,9 @@ import yaml
 
 from sdk.errors import SkillBankError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The folder holding skills/, schemas/, references/ and examples/: one lookup for a checkout, where the package's
+# entries link to the repository's folders, and for an installed wheel, where they are copies.
+BANK_ROOT = Path(importlib.resources.files("grounding_dino_skillbank"))
 INPUT_TYPES = ("file", "folder", "list")
 RUNTIMES = (None, "extracted_folder")
 
@@ -123,8 +126,8 @@ class SkillInfo:
 
 
 def load_skill_info(model: str = "grounding_dino", root: Path | str | None = None) -> SkillInfo:
-    """Parse `<root>/references/<model>/skill_info.yaml` (root: this repository by default)."""
-    return _load(model, Path(root).resolve() if root is not None else REPO_ROOT)
+    """Parse `<root>/references/<model>/skill_info.yaml` (root: BANK_ROOT by default)."""
+    return _load(model, Path(root).resolve() if root is not None else BANK_ROOT)
 
 
 @lru_cache(maxsize=8)

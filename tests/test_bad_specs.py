@@ -12,7 +12,8 @@ import yaml
 from grounding_dino import actions
 from grounding_dino import config as gd_config
 from runner import gdino_cli
-from sdk.skill_info import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = {
     "train": {

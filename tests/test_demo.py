@@ -44,7 +44,7 @@ def test_workflow_fine_tunes_the_base_architecture():
     from runner.base_model import MODEL
     from runner.runner_gen import load_workflow
 
-    steps = load_workflow(demo.REPO_ROOT / "examples" / "demo_workflow.yaml")["steps"]
+    steps = load_workflow(demo.WORKFLOW.with_suffix(".yaml"))["steps"]
     train = next(s for s in steps if s["action"] == "train")
     # backbone_norm is left to 'auto': the pretrained backbone's norm layers stay frozen while fine-tuning
     assert train["spec"]["model"] == {k: v for k, v in MODEL.items() if k != "backbone_norm"}

@@ -15,10 +15,11 @@ from jsonschema import Draft202012Validator
 from grounding_dino import config as gd_config
 from runner.gdino_cli import build_parser
 from sdk import schema_gen
-from sdk.skill_info import REPO_ROOT, load_skill_info
+from sdk.skill_info import BANK_ROOT, load_skill_info
 from sdk.spec import get_path, load_spec, parse_key, parse_override, resolve_spec, validate
 
 INFO = load_skill_info()
+REPO_ROOT = Path(__file__).resolve().parents[1]
 ACTIONS = list(gd_config.ACTIONS)
 
 
@@ -39,7 +40,7 @@ def schema_keys(schema: dict, prefix: str = "") -> set[str]:
 
 
 def scratch_root(tmp_path: Path) -> Path:
-    """A repository root holding only the hand-written skill contract."""
+    """A skill bank folder holding only the hand-written skill contract."""
     target = tmp_path / "references" / "grounding_dino"
     target.mkdir(parents=True)
     shutil.copy(INFO.path, target / "skill_info.yaml")
@@ -47,7 +48,7 @@ def scratch_root(tmp_path: Path) -> Path:
 
 
 def test_generated_files_are_fresh():
-    assert schema_gen.check(REPO_ROOT) == []
+    assert schema_gen.check() == []  # the files the code reads
 
 
 def test_regeneration_is_byte_identical(tmp_path):
@@ -57,7 +58,7 @@ def test_regeneration_is_byte_identical(tmp_path):
     second = schema_gen.generate(root)
     assert {p.relative_to(root): p.read_bytes() for p in second} == first_bytes
     for rel, data in first_bytes.items():
-        assert (REPO_ROOT / rel).read_bytes() == data, f"{rel} differs from a fresh generation"
+        assert (BANK_ROOT / rel).read_bytes() == data, f"{rel} differs from a fresh generation"
     assert len(first) == len(ACTIONS) * 2 + 1 + len([a for a in INFO.actions.values() if a.deploy])
 
 
@@ -173,7 +174,7 @@ def test_train_schema_and_manifest_carry_the_automl_lists():
     for action, entry in manifest["actions"].items():
         for field in ("schema", "template", "deploy_template"):
             if field in entry:
-                assert (REPO_ROOT / entry[field]).is_file(), (action, field)
+                assert (BANK_ROOT / entry[field]).is_file(), (action, field)
         assert entry["command"] == INFO.action(action).command
 
 
@@ -300,7 +301,7 @@ SKILLS = ["grounding-dino", "run-automl"]
 @pytest.mark.parametrize("skill", SKILLS)
 def test_skills_pass_the_agent_skills_validator(skill):
     skills_ref = pytest.importorskip("skills_ref")
-    folder = REPO_ROOT / "skills" / skill
+    folder = BANK_ROOT / "skills" / skill
     assert skills_ref.validate(folder) == []
     assert skills_ref.read_properties(folder).name == skill
     body = (folder / "SKILL.md").read_text()
@@ -308,7 +309,7 @@ def test_skills_pass_the_agent_skills_validator(skill):
 
 
 def test_grounding_dino_skill_triggers_and_coverage():
-    text = (REPO_ROOT / "skills/grounding-dino/SKILL.md").read_text()
+    text = (BANK_ROOT / "skills/grounding-dino/SKILL.md").read_text()
     front = text.split("---")[1]
     for phrase in ("train Grounding DINO", "open-vocabulary detection", "text-prompted detector",
                    "language-guided object detection"):
@@ -335,7 +336,7 @@ def _cli_examples(text: str):
 @pytest.mark.parametrize("skill", SKILLS)
 def test_skill_cli_examples_use_real_keys(skill):
     """Every command-line example parses and each override names a real key of its action."""
-    text = (REPO_ROOT / "skills" / skill / "SKILL.md").read_text()
+    text = (BANK_ROOT / "skills" / skill / "SKILL.md").read_text()
     examples = list(_cli_examples(text))
     assert examples
     if skill == "grounding-dino":
@@ -349,7 +350,7 @@ def test_skill_cli_examples_use_real_keys(skill):
 
 
 def test_action_schema_falls_back_to_building_in_memory(monkeypatch, tmp_path):
-    monkeypatch.setattr(schema_gen, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(schema_gen, "BANK_ROOT", tmp_path)
     assert schema_gen.action_schema("export") == json.loads(INFO.action("export").schema.read_text())
 
 

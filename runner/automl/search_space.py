@@ -24,13 +24,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from grounding_dino.config import structural_keys
 from sdk.errors import SpecError
+from sdk.schema_gen import action_schema
 
-SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "grounding_dino" / "train.schema.json"
 _REQUEST_KEY = "automl.automl_hyperparameters"
 _RANGES_KEY = "automl.ranges"
 
@@ -65,15 +64,7 @@ def apply_params(spec: Mapping[str, Any], values: Mapping[str, Any]) -> Dict[str
 
 
 def load_train_schema() -> Dict[str, Any]:
-    """The generated train schema: from the SDK's schema generator when it is there, else the committed file."""
-    try:
-        from sdk.schema_gen import action_schema
-    except ImportError:
-        if not SCHEMA_FILE.is_file():
-            raise FileNotFoundError(
-                f"{SCHEMA_FILE} is missing, so AutoML has no search space. Fix: run `skillbank schemas generate`."
-            ) from None
-        return json.loads(SCHEMA_FILE.read_text())
+    """The generated train schema."""
     return action_schema("train")
 
 
