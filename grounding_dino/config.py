@@ -11,7 +11,9 @@ Each leaf is declared with `param(...)`, which stores its metadata in `dataclass
   `automl=AutoML(...)` (search-space metadata, emitted as the schema extension key `x-automl`), and
   `structural=True` (emitted as `x-structural`): the setting shapes the weights or how they are read, so a checkpoint
   only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
-  parent job), the checkpoint loader and AutoML (never searched by default).
+  parent job), the checkpoint loader and AutoML (never searched by default);
+  `secret=True`: the value is never written to a file (experiment.yaml, a job's spec.yaml and job.json, AutoML trial
+  specs); `secret_keys()` lists them for the launcher and the SDK.
 Where NVIDIA TAO's published schema default differs from the default its code runs with, the value its code runs
 with is used here: a user who reads a default in our schema gets that value at run time.
 """
@@ -85,6 +87,7 @@ def param(
     automl: Optional[AutoML] = None,
     display_name: Optional[str] = None,
     structural: bool = False,
+    secret: bool = False,
 ):
     """Declare a spec leaf with its metadata. Mutable defaults are copied per instance."""
     metadata = {
@@ -97,6 +100,7 @@ def param(
         "automl": automl,
         "display_name": display_name,
         "structural": structural,
+        "secret": secret,
     }
     if isinstance(default, (list, dict)):
         frozen = default
@@ -197,6 +201,11 @@ class DatasetConfig:
     )
     eval_class_ids: Optional[List[int]] = param(
         None, "Category ids included in COCO mAP; null = all (TAO's schema default [1] scores only one class)."
+    )
+    skip_bad_images: bool = param(
+        False, "Skip images that cannot be decoded (missing, truncated or corrupt files) with one warning that counts "
+        "them, instead of stopping the run at the first one. Every image of a split is decoded once before the run "
+        "to find them.",
     )
     augmentation: AugmentationConfig = section(AugmentationConfig, "Training and test-time image transforms.")
 
@@ -533,7 +542,7 @@ class WandbConfig:
 @dataclass
 class ExperimentConfig:
     results_dir: Optional[str] = param(None, "Root results folder; each action writes <results_dir>/<action>.")
-    encryption_key: Optional[str] = param(None, "Model key (never written to logs).")
+    encryption_key: Optional[str] = param(None, "Model key (never written to logs).", secret=True)
     model_name: str = param("grounding_dino", "Model family.", options=("grounding_dino",))
     model: ModelConfig = section(ModelConfig, "Architecture, losses and matcher.")
     dataset: DatasetConfig = section(DatasetConfig, "Data sources, loaders and augmentation.")
@@ -560,15 +569,20 @@ ACTION_SECTIONS: Dict[str, tuple] = {
 
 def structural_keys() -> Tuple[str, ...]:
     """Dotted keys declared with `structural=True`, in declaration order: the settings a checkpoint must agree on."""
-    return _structural_under(ExperimentConfig, "")
+    return _marked_under(ExperimentConfig, "", "structural")
 
 
-def _structural_under(cls, prefix: str) -> Tuple[str, ...]:
+def secret_keys() -> Tuple[str, ...]:
+    """Dotted keys declared with `secret=True`: values that are never written to a file."""
+    return _marked_under(ExperimentConfig, "", "secret")
+
+
+def _marked_under(cls, prefix: str, mark: str) -> Tuple[str, ...]:
     keys: List[str] = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("section"):
-            keys += _structural_under(_nested_type(cls, f), f"{prefix}{f.name}.")
-        elif f.metadata.get("structural"):
+            keys += _marked_under(_nested_type(cls, f), f"{prefix}{f.name}.", mark)
+        elif f.metadata.get(mark):
             keys.append(prefix + f.name)
     return tuple(keys)
 

@@ -1,8 +1,11 @@
 """`grounding_dino <action> -e spec.yaml [key=value ...]`: the TAO-compatible command line.
 
-The spec is merged onto the action's defaults, overrides are applied, and the result is validated before anything
-runs. On bad input every problem is printed (key path, bad value, what is allowed), nothing is written, and the exit
-code is 2. On good input `grounding_dino.actions.run_action` runs it (the one launcher every entry point uses).
+The spec is merged onto the action's defaults, overrides are applied, and the result is validated and preflighted
+(sdk.preflight, the checks a job runs: missing files, archives given as folders, bad annotations) before anything
+runs. On bad input every problem is printed (key path, bad value or file, the fix), nothing is written, and the exit
+code is 2. On good input `grounding_dino.actions.run_action` runs it (the one launcher every entry point uses); its
+pre-check (checkpoints, TensorRT) and errors in the user's data found mid-run (grounding_dino.errors.UserError) also
+print their message alone and exit 2.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from typing import List, Optional
 
 from grounding_dino import config as gd_config
 from grounding_dino.actions import ActionError, run_action
+from grounding_dino.errors import UserError
 from sdk.errors import SkillBankError, SpecError
+from sdk.preflight import check
 from sdk.skill_info import load_skill_info
 from sdk.spec import resolve_spec, validate
 
@@ -25,7 +30,8 @@ overrides:
     train.num_epochs=20 dataset.train_data_sources[0].json_file=/data/train_odvg.jsonl
   An index may be at most the list's length (that appends one item). Short names: {shorthand}.
 
-exit codes: 0 success, 1 the action failed or cannot be imported, 2 bad spec or arguments (nothing written).
+exit codes: 0 success, 1 the action failed or cannot be imported, 2 bad spec, arguments, files or data (the message
+  names the key, the path and the fix; nothing is written unless the problem is found in the data mid-run).
 """
 
 
@@ -60,6 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         spec = resolve_spec(args.action, args.spec, args.overrides)
         validate(spec, args.action)
         config = gd_config.load_experiment(spec)
+        info = load_skill_info().action(args.action)
+        check(spec, args.action, info.inputs, info.data_sources, stage="runtime",
+              warn=lambda warning: print(f"{prog}: [preflight] {warning}", file=sys.stderr))
     except SpecError as exc:
         print(f"{prog}: {exc}\nNothing was written. Fix the problems above and run again.", file=sys.stderr)
         return exc.exit_code
@@ -67,13 +76,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{prog}: {exc}\nNothing was written.", file=sys.stderr)
         return SkillBankError.exit_code
     except SkillBankError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}\nNothing was written.", file=sys.stderr)
         return exc.exit_code
     try:
         return run_action(args.action, config)
     except ActionError as exc:
         print(f"{prog}: {exc}; nothing was run.", file=sys.stderr)
         return 1
+    except UserError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

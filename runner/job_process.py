@@ -6,7 +6,9 @@ signal and the last log lines), or canceled when `SkillBank.cancel` asked for it
 from the worker is what lets a crash or a SIGKILL of the worker still end in an accurate job.json.
 
 The worker fetches the data sources, runs preflight on the fetched data, then runs the action: train with
-automl_policy on goes to the AutoML driver (runner.automl), everything else to the backend's action registry.
+automl_policy on goes to the AutoML driver (runner.automl), everything else to the backend's action registry. A
+SkillBankError or a backend UserError (a checkpoint of another architecture, an unreadable image) ends the job as
+error with its message alone.
 
 Test hook: SKILLBANK_JOB_DELAY_S=<seconds> makes the worker sleep before it starts, so tests can cancel or kill a
 job that is really running without a model behind it. Nothing else reads it.
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from grounding_dino.actions import ActionError, run_action
+from grounding_dino.errors import UserError
 from grounding_dino.layout import JOB_PROCESS_MODULE, read_job_spec
 from sdk.data_sources import extracted_keys, resolve_data_sources
 from sdk.errors import SkillBankError
@@ -95,7 +98,7 @@ def work(job_dir: Path) -> int:
         if action == "train" and record["automl_policy"] == "on":
             return _run_automl(spec, record)
         return _run_action(action, spec)
-    except SkillBankError as exc:
+    except (SkillBankError, UserError) as exc:  # the user's to fix: the message alone, no traceback
         message = str(exc)
         _say(message)
         update_job(job_dir, error=message)

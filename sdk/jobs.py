@@ -25,17 +25,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from grounding_dino.config import secret_keys
 from grounding_dino.layout import (JOB_LOCK, JOB_LOG, JOB_PROCESS_MODULE, JOB_RECORD, JOB_RESULTS, JOB_SPEC,
                                   read_job_spec, replace_atomically)
 from sdk import mappings, preflight
 from sdk.automl_policy import AutomlDecision, decide as decide_automl
 from sdk.errors import SkillBankError
 from sdk.skill_info import load_skill_info
-from sdk.spec import apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, validate
+from sdk.spec import (apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, set_path,
+                      validate)
 
 FINAL = ("done", "error", "canceled")
 REQUEST_KEYS = ("parent_epoch", "parent_step")  # request settings given like overrides, not spec keys
-SECRET_KEYS = ("encryption_key",)
+SECRET_KEYS = secret_keys()  # config.py's secret=True keys: kept out of spec.yaml, job.json and the log
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -196,8 +198,9 @@ class SkillBank:
             warnings: list[str] = []
             preflight.check(spec_out, action, action_info.inputs, action_info.data_sources,
                             parent_spec=mappings.parent_settings(parent) if parent else None, warn=warnings.append)
-            secret = {k: spec_out.pop(k) for k in SECRET_KEYS if spec_out.get(k)}
-            spec_out.update({k: None for k in secret})
+            secret = {k: get_path(spec_out, k, None) for k in SECRET_KEYS if get_path(spec_out, k, None)}
+            for key in secret:
+                set_path(spec_out, key, None)
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
             try:
                 os.mkdir(job_dir)  # atomic: two creators never share a folder
@@ -405,7 +408,7 @@ def _split_request(overrides: dict | list[str] | None) -> tuple[dict | list[str]
 
 def _redacted(overrides: dict | list[str]) -> dict | list[str]:
     def hidden(key: str) -> bool:
-        return key.split(".")[-1] in SECRET_KEYS
+        return key.strip() in SECRET_KEYS
     if isinstance(overrides, dict):
         return {k: "<redacted>" if hidden(k) else v for k, v in overrides.items()}
     return [f"{t.split('=', 1)[0]}=<redacted>" if hidden(t.split("=", 1)[0].strip()) else t for t in overrides]

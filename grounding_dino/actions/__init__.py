@@ -1,8 +1,10 @@
 """The actions and their one launcher: `run_action(action, spec)`.
 
 Every way of starting an action (the `grounding_dino` CLI, a job's worker, an AutoML trial, the demo) calls
-`run_action`. It loads the spec, finds the action's results folder, writes the spec that runs as `experiment.yaml`
-(secrets left out), and runs the action inside its status.json bookkeeping (STARTED, then SUCCESS or FAILURE).
+`run_action`. It loads the spec, runs the action's pre-check (grounding_dino.actions.precheck: the model files it
+reads), finds the action's results folder, writes the spec that runs as `experiment.yaml` (secrets left out), and
+runs the action inside its status.json bookkeeping (STARTED, then SUCCESS or FAILURE). A pre-check that fails raises
+grounding_dino.errors.UserError before anything is written.
 Training is the exception to the bookkeeping: its status lines come per epoch from Lightning, on rank 0 only
 (grounding_dino.callbacks.StatusLogger).
 
@@ -12,6 +14,7 @@ CLIs do it before anything heavy) never imports torch. An action function takes 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from dataclasses import dataclass
@@ -20,26 +23,30 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import yaml
 
-from grounding_dino.config import ACTIONS, ExperimentConfig, load_experiment, to_dict
+from grounding_dino.config import ACTIONS, ExperimentConfig, load_experiment, secret_keys, to_dict
 from grounding_dino.layout import EXPERIMENT_FILE, STATUS_FILE, replace_atomically, results_dir_for
 from grounding_dino.status import Report, StatusWriter, reported
 
-SECRET_KEYS = ("encryption_key",)
+from . import precheck
+
+SECRET_KEYS = secret_keys()
 
 
 @dataclass(frozen=True)
 class Entry:
     target: str  # "module:function"
     activity: Optional[str]  # the noun of its status lines ("Starting evaluation."); None: it writes its own
+    precheck: Optional[Callable[[ExperimentConfig], None]] = None  # runs before anything is written
 
 
 REGISTRY: Dict[str, Entry] = {
-    "train": Entry("grounding_dino.actions.train:run_training", None),
-    "evaluate": Entry("grounding_dino.actions.evaluate:run_evaluate", "evaluation"),
-    "inference": Entry("grounding_dino.actions.inference:run_inference", "inference"),
-    "export": Entry("grounding_dino.actions.export:run_export", "export"),
-    "quantize": Entry("grounding_dino.actions.quantize:run_quantize", "quantization"),
-    "gen_trt_engine": Entry("grounding_dino.actions.gen_trt_engine:run_gen_trt_engine", "TensorRT engine build"),
+    "train": Entry("grounding_dino.actions.train:run_training", None, precheck.train),
+    "evaluate": Entry("grounding_dino.actions.evaluate:run_evaluate", "evaluation", precheck.evaluate),
+    "inference": Entry("grounding_dino.actions.inference:run_inference", "inference", precheck.inference),
+    "export": Entry("grounding_dino.actions.export:run_export", "export", precheck.export),
+    "quantize": Entry("grounding_dino.actions.quantize:run_quantize", "quantization", precheck.quantize),
+    "gen_trt_engine": Entry("grounding_dino.actions.gen_trt_engine:run_gen_trt_engine", "TensorRT engine build",
+                            precheck.gen_trt_engine),
 }
 assert set(REGISTRY) == set(ACTIONS), "every spec action has exactly one entry"
 
@@ -74,8 +81,16 @@ def get_action(name: str) -> Action:
 
 
 def redacted(spec: Mapping[str, Any]) -> dict:
-    """The spec as it may be written to disk: secrets become null."""
-    return {**spec, **{key: None for key in SECRET_KEYS if key in spec}}
+    """A copy of the spec as it may be written to disk: secrets (config.py's `secret=True` keys) become null."""
+    out = copy.deepcopy(dict(spec))
+    for key in SECRET_KEYS:
+        *sections, leaf = key.split(".")
+        node: Any = out
+        for name in sections:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = None
+    return out
 
 
 def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
@@ -89,10 +104,14 @@ def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
 def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **options: Any) -> int:
     """Run `action` on `spec` (a validated spec dict or an ExperimentConfig); returns the exit code, 0.
 
+    Raises grounding_dino.errors.UserError (nothing written) when the action's pre-check fails.
+
     `options` go to the action function (train takes extra Lightning `callbacks`, e.g. an AutoML pruner).
     """
     cfg = spec if isinstance(spec, ExperimentConfig) else load_experiment(dict(spec))
     function = get_action(action)
+    if REGISTRY[action].precheck is not None:
+        REGISTRY[action].precheck(cfg)
     run = ActionRun(results_dir_for(action, cfg))
     write_experiment(run.results_dir, cfg)
     activity = REGISTRY[action].activity

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 from ..config import ExperimentConfig
 from .coco import coco_records
-from .dataset import GroundingDataset, TrainCaptions
+from .dataset import GroundingDataset, TrainCaptions, unreadable_reason
 from .errors import BoxAudit, DataError, DataWarning
 from .odvg import label_names, odvg_records
 from .records import Record, store_records
@@ -46,6 +47,7 @@ def build_dataset(
     audit = BoxAudit()
     if split == "train":
         records, vocabularies = _read_train_sources(data.train_data_sources, audit, key)
+        image_dir_keys = [f"{key}[{i}].image_dir" for i in range(len(vocabularies))]
     else:
         source = getattr(data, SPLITS[split])
         _check_paths(key, source.json_file, source.image_dir)
@@ -53,13 +55,16 @@ def build_dataset(
             raise DataError(f"{key}.json_file: {source.json_file} must be a COCO .json file")
         records, names = coco_records(source.json_file, source.image_dir, audit, source=0, contiguous_ids=True)
         vocabularies = [tuple(names)]
+        image_dir_keys = [f"{key}.image_dir"]
     if not records:
         raise DataError(f"{key}: the annotations list no images")
     audit.warn()
+    if data.skip_bad_images:
+        records = _readable(records, image_dir_keys)
 
     transforms = build_transforms(data.augmentation, train, input_size)
     pad_size = _pad_size(transforms, records) if data.augmentation.fixed_padding else None
-    common = dict(transforms=transforms, seed=cfg.train.seed, pad_size=pad_size)
+    common = dict(image_dir_keys=image_dir_keys, transforms=transforms, seed=cfg.train.seed, pad_size=pad_size)
     if split == "train":
         budget = _train_budget(tokenizer, records, vocabularies, data.max_labels) if tokenizer else None
         return GroundingDataset(store_records(records, data.dataset_type), vocabularies,
@@ -103,6 +108,25 @@ def _check_paths(key: str, json_file: Optional[str], image_dir: Optional[str]) -
         raise DataError(f"{key}.image_dir: {image_dir} is an archive; extract it and set image_dir to the folder")
     if not os.path.isdir(image_dir):
         raise DataError(f"{key}.image_dir: {image_dir} is not a folder")
+
+
+def _readable(records: List[Record], image_dir_keys: Sequence[str]) -> List[Record]:
+    """The records whose image decodes; the others are dropped with one warning that counts them. Every image is
+    decoded once here (in threads: PIL releases the GIL) so a bad one is never met mid-epoch, where skipping it
+    would change batch sizes and, in evaluation, score an image that was never looked at."""
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(unreadable_reason, [r["file"] for r in records]))
+    bad = [(r, why) for r, why in zip(records, reasons) if why is not None]
+    if not bad:
+        return records
+    record, why = bad[0]
+    first = f"{record['file']}: {why}"
+    if len(bad) == len(records):
+        raise DataError(f"{image_dir_keys[record['source']]}: none of the {len(records)} images can be read "
+                        f"(first: {first}); point the key at the folder that holds the images")
+    warnings.warn(f"dataset.skip_bad_images: skipped {len(bad)} unreadable image{'s' if len(bad) != 1 else ''} "
+                  f"of {len(records)} (first: {first})", DataWarning, stacklevel=3)
+    return [r for r, why in zip(records, reasons) if why is None]
 
 
 def _pad_size(transforms, records: Sequence[Record]) -> Tuple[int, int]:

@@ -35,6 +35,7 @@ class GroundingDataset(Dataset):
     phrases), phrases, caption, spans, image_id, orig_size (h, w) and size (h, w after the transforms).
 
     vocabularies: per source, the names that record labels index (None where records carry their own phrases).
+    image_dir_keys: per source, the spec key of its image folder (named when an image cannot be read).
     phrases: a fixed caption for every image (val/test: all categories in id order); None samples one per image.
     pad_size: (h, w) the loader pads every batch to, or None to pad to the batch maximum.
     """
@@ -43,6 +44,7 @@ class GroundingDataset(Dataset):
         self,
         records: Sequence[Record],
         vocabularies: Sequence[Optional[Tuple[str, ...]]],
+        image_dir_keys: Sequence[str],
         transforms,
         seed: int,
         captions: Optional[TrainCaptions] = None,
@@ -54,6 +56,7 @@ class GroundingDataset(Dataset):
             raise ValueError("give exactly one of captions (sampled per image) and phrases (fixed caption)")
         self.records = records
         self.vocabularies = list(vocabularies)
+        self.image_dir_keys = list(image_dir_keys)
         self.negatives = [tuple(sorted(set(v))) if v else () for v in self.vocabularies]
         self.transforms = transforms
         self.seed = seed
@@ -87,7 +90,7 @@ class GroundingDataset(Dataset):
         record = self.records[index]
         rng = np.random.default_rng([self.seed, int(self._epoch), index])
         target = {"boxes": record["boxes"], "labels": record["labels"]}
-        image, target = self.transforms(load_image(record), target, rng)
+        image, target = self.transforms(load_image(record, self.image_dir_keys[record["source"]]), target, rng)
         phrases, labels = self._caption_names(record, target["labels"], rng)
         caption, spans = build_caption(phrases)
         h, w = image.shape[-2:]
@@ -113,12 +116,30 @@ class GroundingDataset(Dataset):
         return names, [position[name] for name in box_names]
 
 
-def load_image(record: Record) -> Image.Image:
+def read_image(path: str) -> Image.Image:
+    """The image at `path`, fully decoded to RGB; raises OSError when it cannot be (missing, truncated, not an
+    image)."""
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def unreadable_reason(path: str) -> Optional[str]:
+    """Why the image at `path` cannot be decoded, or None when it can."""
     try:
-        with Image.open(record["file"]) as opened:
-            image = opened.convert("RGB")
+        read_image(path)
     except OSError as e:
-        raise DataError(f"{record['where']}: cannot read image {record['file']}: {e}") from None
+        return str(e) or type(e).__name__
+    return None
+
+
+def load_image(record: Record, image_dir_key: str) -> Image.Image:
+    try:
+        image = read_image(record["file"])
+    except OSError as e:
+        raise DataError(
+            f"{image_dir_key}: cannot read image {record['file']} ({record['where']}): {e}. Fix: replace or remove "
+            "the file, or set dataset.skip_bad_images=true to skip unreadable images"
+        ) from None
     if image.size != (record["width"], record["height"]):
         raise DataError(
             f"{record['where']}: image {record['file']} is {image.width}x{image.height} pixels but the annotation "

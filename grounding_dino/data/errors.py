@@ -5,9 +5,25 @@ import warnings
 from collections import Counter
 from typing import Optional, Sequence, Tuple
 
+from ..errors import UserError
 
-class DataError(ValueError):
-    """A dataset that cannot be trained or evaluated on as it is (raised before training starts)."""
+
+class DataError(UserError, ValueError):
+    """Data that cannot be trained or evaluated on as it is: the message names the file (and line), the problem and
+    the fix, and entry points show it alone (exit code 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(_unwrapped(message, type(self)))
+
+
+def _unwrapped(message: str, cls: type) -> str:
+    """The original message of an error re-raised by a DataLoader worker. torch rebuilds the exception in the main
+    process from "Caught DataError in DataLoader worker process 0. Original Traceback ...: DataError: <message>",
+    which would put a worker's traceback in front of the user."""
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    if message.startswith(f"Caught {cls.__name__} ") and "\nOriginal Traceback" in message and marker in message:
+        return message.rsplit(marker, 1)[1].rstrip("\n")
+    return message
 
 
 class DataWarning(UserWarning):

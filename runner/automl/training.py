@@ -106,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _die_with_parent(args.parent_pid)
 
     from grounding_dino.actions import run_action
+    from grounding_dino.errors import UserError
     from runner.automl.pruning import PruningCallback
 
     spec = yaml.safe_load(args.spec.read_text())
@@ -119,7 +120,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, args.trial)
     trial = optuna.trial.Trial(study, trial_id)
     callback = PruningCallback(trial, settings["metric"], train["num_epochs"])
-    run_action("train", spec, callbacks=[callback])
+    try:
+        run_action("train", spec, callbacks=[callback])
+    except UserError as err:  # the user's to fix (bad data, a foreign checkpoint): the message alone
+        print(f"trial {args.trial}: {err}", file=sys.stderr)
+        return err.exit_code
     if callback.is_global_zero:
         result = {"history": callback.history, "pruned_at": callback.pruned_at}
         (args.spec.parent / RESULT_FILE).write_text(json.dumps(result) + "\n")
