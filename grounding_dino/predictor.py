@@ -27,7 +27,7 @@ from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import build_caption, normalize_name
 from grounding_dino.data.tokens import TokenBudget
 from grounding_dino.model import build_model
-from grounding_dino.model.checkpoint import config_conflicts, load_weights
+from grounding_dino.model.checkpoint import check_source, load_weights, read_checkpoint, settle_model_config
 from grounding_dino.model.postprocess import post_process
 from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
 
@@ -172,23 +172,19 @@ class TorchPredictor(Predictor):
 
     @classmethod
     def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "TorchPredictor":
-        """The model of the spec's model section with the weights of `path` (ours, official, HF or TAO).
+        """The model of the spec's model section with the weights of `path`: ours, official, TAO, a transformers
+        GroundingDino folder, or a Hugging Face id of one (see checkpoint.read_checkpoint).
 
-        Our checkpoints carry the model settings they were trained with; any structural disagreement with the spec
-        is refused, naming the keys to change.
+        Structural settings the checkpoint carries replace the spec's defaults; a spec that contradicts them is
+        refused, naming the keys to change.
         """
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{section}.checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-        conflicts = config_conflicts(checkpoint.get("model_config", {}), cfg.model)
-        if conflicts:
-            raise ValueError(f"{section}.checkpoint {path} was trained with other model settings; set these in the "
-                             "spec:\n  " + "\n  ".join(conflicts))
+        checkpoint = read_checkpoint(path, checkpoint_key(section))
+        model_cfg = settle_model_config(cfg.model, checkpoint)
         # The checkpoint holds the backbone too, so model.pretrained_backbone_path is not read again. The norm layers
         # are built as in training (our checkpoints record it; other sources are pretrained weights), so the
         # numbers match training validation exactly.
-        frozen_norm = checkpoint.get("backbone_pretrained", True) or bool(cfg.model.pretrained_backbone_path)
-        model = build_model(dataclasses.replace(cfg.model, pretrained_backbone_path=None),
+        frozen_norm = checkpoint.outer.get("backbone_pretrained", True) or bool(cfg.model.pretrained_backbone_path)
+        model = build_model(dataclasses.replace(model_cfg, pretrained_backbone_path=None),
                             backbone_pretrained=frozen_norm)
         load_weights(model, checkpoint)
         return cls(model, _device(cfg, section))
@@ -320,15 +316,24 @@ def _backend_class(name: str):
                          "the missing package") from err
 
 
+def checkpoint_key(section: str) -> str:
+    """The spec key holding the model of `section`, for messages."""
+    return "quantize.model_path" if section == "quantize" else f"{section}.checkpoint"
+
+
 def model_path(cfg: ExperimentConfig, section: str) -> str:
-    """The model file `section` (evaluate or inference) names: its checkpoint (.pth/.onnx) or its trt_engine."""
+    """The model `section` (evaluate or inference) names: its checkpoint (a .pth/.onnx file, a transformers
+    GroundingDino folder or a Hugging Face id) or its trt_engine."""
     options = getattr(cfg, section)
     given = {key: getattr(options, key) for key in ("checkpoint", "trt_engine") if getattr(options, key)}
     if len(given) != 1:
-        raise ValueError(f"set exactly one of {section}.checkpoint (.pth checkpoint or .onnx model) and "
-                         f"{section}.trt_engine (TensorRT engine); got {given or 'neither'}")
+        raise ValueError(f"set exactly one of {section}.checkpoint (.pth checkpoint, .onnx model, GroundingDino "
+                         f"folder or Hugging Face id) and {section}.trt_engine (TensorRT engine); got "
+                         f"{given or 'neither'}")
     (key, path), = given.items()
-    if not Path(path).is_file():
+    if key == "checkpoint":
+        check_source(path, f"{section}.checkpoint")
+    elif not Path(path).is_file():
         raise FileNotFoundError(f"{section}.{key}: {path} does not exist")
     return path
 
@@ -336,10 +341,12 @@ def model_path(cfg: ExperimentConfig, section: str) -> str:
 def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentConfig,
                    section: str = "evaluate") -> Predictor:
     """A Predictor for a model in memory (torch) or a file (.pth/.ckpt/.pt torch, .onnx ONNX Runtime, .engine
-    TensorRT). `section` names the spec section the path came from, for error messages and the GPU choice."""
+    TensorRT); a folder or a Hugging Face id is a PyTorch model (see checkpoint.read_checkpoint). `section` names
+    the spec section the path came from, for error messages and the GPU choice."""
     if isinstance(path_or_model, nn.Module):
         return TorchPredictor(path_or_model, _device(cfg, section))
     path = Path(path_or_model)
-    if not path.is_file():
-        raise FileNotFoundError(f"{section}: model file {path} does not exist")
-    return _backend_class(backend_for(path)).load(str(path), cfg, section)
+    if path.is_file():
+        return _backend_class(backend_for(path)).load(str(path), cfg, section)
+    check_source(str(path_or_model), checkpoint_key(section))
+    return TorchPredictor.load(str(path_or_model), cfg, section)

@@ -6,6 +6,7 @@ local rank, so everything here runs in every rank; files are written by global r
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -28,7 +29,8 @@ from grounding_dino.callbacks import (
 from grounding_dino.config import ExperimentConfig, TrainConfig, WandbConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
-from grounding_dino.model.checkpoint import load_weights
+from grounding_dino.model.checkpoint import (Checkpoint, load_file, load_weights, read_checkpoint,
+                                             settle_model_config)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,11 @@ def _loggers(results_dir: Path, wandb: WandbConfig) -> list[Logger]:
         try:
             from lightning.pytorch.loggers import WandbLogger
 
-            loggers.append(WandbLogger(project=wandb.project, entity=wandb.entity, tags=list(wandb.tags),
-                                       name=wandb.name, id=wandb.run_id, save_code=wandb.save_code,
-                                       reinit=wandb.reinit, sync_tensorboard=wandb.sync_tensorboard,
-                                       save_dir=str(results_dir)))
+            # TAO's defaults write "" for unset entity, group and run id; wandb reads "" as a name.
+            loggers.append(WandbLogger(project=wandb.project, entity=wandb.entity or None, tags=list(wandb.tags),
+                                       name=wandb.name, id=wandb.run_id or None, group=wandb.group or None,
+                                       save_code=wandb.save_code, reinit=wandb.reinit,
+                                       sync_tensorboard=wandb.sync_tensorboard, save_dir=str(results_dir)))
         except ModuleNotFoundError as err:
             raise ValueError("wandb.enable is true but the wandb package is not installed: "
                              "pip install wandb, or set wandb.enable false") from err
@@ -105,18 +108,30 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
     )
 
 
-def build_module(cfg: ExperimentConfig, resume_checkpoint: Optional[dict] = None) -> GroundingDINOModule:
+def build_module(cfg: ExperimentConfig, resume_checkpoint: Optional[dict] = None,
+                 pretrained: Optional[Checkpoint] = None) -> GroundingDINOModule:
     """The module with train.pretrained_model_path loaded and train.freeze applied. When resuming, the checkpoint
-    (read lazily, weights untouched) decides how the backbone was built and Lightning restores the weights."""
+    (read lazily, weights untouched) decides how the backbone was built and Lightning restores the weights.
+    `pretrained` is train.pretrained_model_path already read (read here when not given); `cfg` must already carry
+    the model settings the checkpoint decides (settled_config)."""
     if resume_checkpoint is not None:
         check_resumable(resume_checkpoint, cfg.model)
-        pretrained = resume_checkpoint.get("backbone_pretrained", False)
-        return _frozen(GroundingDINOModule(cfg, backbone_pretrained=pretrained), cfg)
+        pretrained_backbone = resume_checkpoint.get("backbone_pretrained", False)
+        return _frozen(GroundingDINOModule(cfg, backbone_pretrained=pretrained_backbone), cfg)
     module = GroundingDINOModule(cfg, backbone_pretrained=bool(cfg.train.pretrained_model_path))
     if cfg.train.pretrained_model_path:
-        report = load_weights(module.model, cfg.train.pretrained_model_path)
+        if pretrained is None:
+            pretrained = read_checkpoint(cfg.train.pretrained_model_path, "train.pretrained_model_path")
+        report = load_weights(module.model, pretrained)
         log.info("loaded train.pretrained_model_path %s: %s", cfg.train.pretrained_model_path, report)
     return _frozen(module, cfg)
+
+
+def settled_config(cfg: ExperimentConfig, checkpoint: Optional[Checkpoint]) -> ExperimentConfig:
+    """`cfg` with the structural model settings of `checkpoint` where the spec leaves them at their defaults."""
+    if checkpoint is None:
+        return cfg
+    return dataclasses.replace(cfg, model=settle_model_config(cfg.model, checkpoint))
 
 
 def _frozen(module: GroundingDINOModule, cfg: ExperimentConfig) -> GroundingDINOModule:
@@ -131,14 +146,23 @@ def run_training(cfg: ExperimentConfig, run: ActionRun, callbacks: Sequence[Call
     resume = cfg.train.resume_training_checkpoint_path
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"train.resume_training_checkpoint_path {resume} does not exist")
-    if cfg.train.pretrained_model_path and not os.path.exists(cfg.train.pretrained_model_path):
-        raise FileNotFoundError(f"train.pretrained_model_path {cfg.train.pretrained_model_path} does not exist")
     results_dir = run.results_dir
     seed_everything(cfg.train.seed, workers=True)
-    # mmap: only the small metadata is read here; Lightning loads the checkpoint for real in fit()
-    saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True) if resume else None
-    module = build_module(cfg, saved)
-    del saved
+    if resume:
+        # mmap: only the small metadata is read here; Lightning loads the checkpoint for real in fit()
+        saved = load_file(resume, "train.resume_training_checkpoint_path", mmap=True)
+        if isinstance(saved, dict) and isinstance(saved.get("model_config"), dict):
+            saved_checkpoint = Checkpoint(resume, "train.resume_training_checkpoint_path", {}, saved,
+                                          dict(saved["model_config"]))
+            cfg = settled_config(cfg, saved_checkpoint)
+        module = build_module(cfg, saved)
+        del saved
+    else:
+        pretrained = (read_checkpoint(cfg.train.pretrained_model_path, "train.pretrained_model_path")
+                      if cfg.train.pretrained_model_path else None)
+        cfg = settled_config(cfg, pretrained)
+        module = build_module(cfg, pretrained=pretrained)
+        del pretrained
     trainer = build_trainer(cfg, results_dir, callbacks)
     tokenizer = module.model.tokenizer
     trainer.fit(

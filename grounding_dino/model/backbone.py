@@ -5,6 +5,7 @@ LayerNorms, as in the official model); `official_swin_key`/`native_swin_key` tra
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,22 @@ BACKBONES: Dict[str, BackboneSpec] = {
     "resnet_18": BackboneSpec("resnet18", stage_offset=1),
     "resnet_10t": BackboneSpec("resnet10t", stage_offset=1),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def swin_shapes() -> Dict[Tuple[int, Tuple[int, ...], int], str]:
+    """(embed_dim, depths, window_size) -> our Swin backbone name, read off the timm models themselves (built on
+    the meta device: no memory, no weights), so checkpoints and HF configs map to names without a second table."""
+    shapes = {}
+    for name, spec in BACKBONES.items():
+        if spec.swin:
+            with torch.device("meta"):
+                body = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+            table = body.layers[0].blocks[0].attn.relative_position_bias_table.shape[0]
+            window = (round(table ** 0.5) + 1) // 2
+            shapes[(body.patch_embed.proj.weight.shape[0], tuple(len(layer.blocks) for layer in body.layers),
+                    window)] = name
+    return shapes
 
 
 def official_swin_key(key: str) -> str:
@@ -118,7 +135,9 @@ class Backbone(nn.Module):
 
     def load_pretrained(self, path: str) -> None:
         """Backbone-only weights (official Swin / timm / torchvision names, optionally under 'model' or 'state_dict')."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from .checkpoint import load_file  # checkpoint.py imports this module
+
+        state = load_file(path, "model.pretrained_backbone_path")
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

@@ -3,22 +3,36 @@
 Our state dict uses the official key names, except inside a Swin backbone where timm's names are kept
 (`backbone.0.body.layers_1.downsample` is official `backbone.0.layers.0.downsample`). Keys the architecture never
 uses (BERT's pooler and position-id buffer, the denoising label embedding, Swin buffers, BatchNorm counters) are
-ignored and listed as such. Everything is read with torch.load(weights_only=True).
+ignored and listed as such.
+
+Every checkpoint file is read by `load_file` (torch.load(weights_only=True), or safetensors), and every weights
+source a spec names (train.pretrained_model_path, evaluate/inference/export.checkpoint, quantize.model_path) by
+`read_checkpoint`: a file, a transformers GroundingDino folder, or a Hugging Face id of either. `settle_model_config`
+then takes the model settings the checkpoint carries (ours: model_config; HF: config.json; official and TAO files:
+read off the tensor shapes) where the spec leaves them at their defaults, and refuses a spec that contradicts them.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from grounding_dino.config import structural_keys
+from grounding_dino.config import ModelConfig, structural_keys
 
-from .backbone import native_swin_key, official_swin_key
+from . import hub
+from .backbone import BACKBONES, native_swin_key, official_swin_key, swin_shapes
+from .text import MINILM, is_grounding_dino_folder
+
+log = logging.getLogger(__name__)
 
 StateDict = Dict[str, Tensor]
 TAO_PREFIX = "model.model."
@@ -229,6 +243,259 @@ def detect_and_convert(sd: StateDict, backbone: str) -> Tuple[StateDict, str]:
     return sd, fmt
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# reading files, folders and hub ids
+
+REFUSED = ("the file holds Python objects, not tensors (torch.load weights_only); re-save its state_dict with "
+           "torch.save(model.state_dict(), path)")
+SOURCE_KINDS = ("a checkpoint file (.pth/.ckpt/.pt/.safetensors), a transformers GroundingDino folder (config.json + "
+                "model.safetensors), or a Hugging Face id such as IDEA-Research/grounding-dino-tiny or "
+                "org/name/file.pth")
+
+
+def load_file(path: Union[str, Path], key: str, *, mmap: bool = False) -> Any:
+    """The one reader of checkpoint files: safetensors, or torch.load(weights_only=True), whose refusal of a
+    pickle that holds Python objects becomes one line naming the file and the fix."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{key}: refused: {path}: {REFUSED}") from None
+
+
+def read_hf_weights(folder: Union[str, Path], key: str) -> StateDict:
+    """The weights of a transformers model folder: model.safetensors, its shards, or pytorch_model.bin (+ shards)."""
+    folder = Path(folder)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return load_file(folder / single, key)
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            sd: StateDict = {}
+            for shard in shards:
+                sd.update(load_file(folder / shard, key))
+            return sd
+    raise FileNotFoundError(f"{key}: {folder} has no model.safetensors or pytorch_model.bin (nor their shards)")
+
+
+@dataclass
+class Checkpoint:
+    """What a weights source holds. `settings` are the model settings it carries (ours: model_config; HF:
+    config.json), `inferred` those read off tensor shapes (official and TAO files carry none)."""
+
+    source: str                    # as the spec gave it
+    key: str                       # the spec key it came from, for messages
+    state_dict: StateDict          # as stored (any layout); load_weights converts it
+    outer: dict                    # the dict around the state dict: model_config, tao_model, text_encoder, ...
+    settings: Dict[str, Any] = field(default_factory=dict)
+    inferred: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_source(value: str, key: str) -> None:
+    """Raise FileNotFoundError naming `key` unless `value` is an existing path or reads as a hub id."""
+    if not Path(value).expanduser().exists() and not hub.looks_like_id(value, allow_file=True):
+        raise hub.missing(value, key, SOURCE_KINDS)
+
+
+def local_source(value: Union[str, Path], key: str) -> Path:
+    """The local file or folder of a weights source, downloading a hub id through huggingface_hub."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    value = str(value)
+    if hub.looks_like_id(value, allow_file=True):
+        return Path(hub.file(value, key) if value.endswith(hub.FILE_SUFFIXES) else hub.snapshot(value, key))
+    raise hub.missing(value, key, SOURCE_KINDS)
+
+
+def read_checkpoint(source: Union[str, Path], key: str = "checkpoint", *, mmap: bool = False) -> Checkpoint:
+    """Any weights source the spec may name (see SOURCE_KINDS), with the settings it carries."""
+    path = local_source(source, key)
+    where = f"{key} {source}"
+    if path.is_dir():
+        if not is_grounding_dino_folder(path):
+            raise ValueError(f"{where}: the folder is not a transformers GroundingDino model (its config.json is "
+                             f"missing or has another model_type); give {SOURCE_KINDS}")
+        return Checkpoint(str(source), key, read_hf_weights(path, key), {}, hf_settings(path, str(source)))
+    loaded = load_file(path, key, mmap=mmap)
+    try:
+        raw, outer = _unwrap(loaded)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    checkpoint = Checkpoint(str(source), key, raw, outer)
+    if isinstance(outer.get("model_config"), dict):
+        checkpoint.settings = dict(outer["model_config"])
+    else:
+        checkpoint.inferred = shape_settings(raw)
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model settings a checkpoint carries
+
+def hf_settings(folder: Union[str, Path], source: str) -> Dict[str, Any]:
+    """Our model settings from a transformers GroundingDino config.json. The text encoder is the folder (or id)
+    itself: it holds the tokenizer and the BERT weights (see text.build_bert)."""
+    from transformers import GroundingDinoConfig
+
+    where = f"{source} (config.json)"
+    config = GroundingDinoConfig.from_pretrained(str(folder))
+    unsupported = []
+    if config.decoder_ffn_dim != config.encoder_ffn_dim:
+        unsupported.append(f"decoder_ffn_dim {config.decoder_ffn_dim} != encoder_ffn_dim {config.encoder_ffn_dim}")
+    if config.decoder_attention_heads != config.encoder_attention_heads:
+        unsupported.append(f"decoder_attention_heads {config.decoder_attention_heads} != encoder_attention_heads "
+                           f"{config.encoder_attention_heads}")
+    if not config.decoder_bbox_embed_share or config.two_stage_bbox_embed_share:
+        unsupported.append("box heads shared otherwise than the official model (decoder_bbox_embed_share true, "
+                           "two_stage_bbox_embed_share false)")
+    if config.position_embedding_type != "sine":
+        unsupported.append(f"position_embedding_type {config.position_embedding_type!r}")
+    backbone, stages = _hf_backbone(config, where)
+    if unsupported:
+        raise ValueError(f"{where}: this model has settings our Grounding DINO does not build: "
+                         + "; ".join(unsupported))
+    levels = config.num_feature_levels
+    return {
+        "backbone": backbone, "return_interm_indices": _interm_indices(stages, levels, where),
+        "num_feature_levels": levels, "hidden_dim": config.d_model, "nheads": config.encoder_attention_heads,
+        "enc_layers": config.encoder_layers, "dec_layers": config.decoder_layers,
+        "dim_feedforward": config.encoder_ffn_dim, "enc_n_points": config.encoder_n_points,
+        "dec_n_points": config.decoder_n_points, "num_queries": config.num_queries,
+        "max_text_len": config.max_text_len, "two_stage_type": "standard" if config.two_stage else "no",
+        "embed_init_tgt": config.embedding_init_target,
+        "pe_temperatureH": config.positional_embedding_temperature,
+        "pe_temperatureW": config.positional_embedding_temperature,
+        "log_scale": None, "class_embed_bias": False, "text_encoder_type": source,
+    }
+
+
+def _hf_backbone(config, where: str) -> Tuple[str, List[int]]:
+    """(our backbone name, its stages 0..3) of an HF config's Swin or timm backbone."""
+    backbone = config.backbone_config
+    if backbone is None or backbone.model_type not in ("swin", "timm_backbone"):
+        kind = getattr(backbone, "model_type", getattr(config, "backbone", None))
+        raise ValueError(f"{where}: backbone {kind!r} is not one we build (a Swin, or a timm backbone among "
+                         f"{sorted(s.timm_name for s in BACKBONES.values() if not s.swin)})")
+    if backbone.model_type == "swin":
+        shape = (backbone.embed_dim, tuple(backbone.depths), backbone.window_size)
+        name = swin_shapes().get(shape)
+        if name is None:
+            raise ValueError(f"{where}: no model.backbone has Swin embed_dim {shape[0]}, depths {list(shape[1])}, "
+                             f"window_size {shape[2]} (known: {sorted(swin_shapes().values())})")
+        # HF counts the stem as stage 0
+        return name, [i - 1 for i in backbone.out_indices]
+    by_timm = {spec.timm_name: (name, spec.stage_offset) for name, spec in BACKBONES.items() if not spec.swin}
+    if backbone.backbone not in by_timm:
+        raise ValueError(f"{where}: timm backbone {backbone.backbone!r} is not one we build (known: "
+                         f"{sorted(by_timm)})")
+    name, offset = by_timm[backbone.backbone]
+    return name, [i - offset for i in backbone.out_indices]
+
+
+def _interm_indices(stages: List[int], levels: int, where: str) -> List[int]:
+    """Our return_interm_indices: the backbone stages, then 4 for each level synthesised after them."""
+    if not stages or min(stages) < 0 or max(stages) > 3 or levels < len(stages):
+        raise ValueError(f"{where}: backbone stages {stages} with {levels} feature levels do not fit (stages are "
+                         "0..3 and each needs a level)")
+    return list(stages) + [4] * (levels - len(stages))
+
+
+def shape_settings(sd: StateDict) -> Dict[str, Any]:
+    """The structural settings the tensor shapes of an official, TAO or bare state dict reveal (a file without a
+    model_config). Heads, sampling points, text length and the text encoder leave no shape of their own here."""
+    sd, _ = _strip_prefix(sd)
+    if any(k.startswith(("model.backbone.conv_encoder.", "model.text_backbone.")) for k in sd):
+        return {}
+    # One name for a backbone tensor whatever the layout: official, TAO (body.), ours (body., layers_N).
+    body = {re.sub(r"^backbone\.0\.(body\.)*", "", k): v for k, v in sd.items() if k.startswith("backbone.0.")}
+    out: Dict[str, Any] = {}
+    backbone, channels = _shape_backbone(body)
+    if "transformer.level_embed" in sd:
+        out["num_feature_levels"], out["hidden_dim"] = sd["transformer.level_embed"].shape
+    if "transformer.tgt_embed.weight" in sd:
+        out["num_queries"] = sd["transformer.tgt_embed.weight"].shape[0]
+    for name, pattern in (("enc_layers", r"^transformer\.encoder\.layers\.(\d+)\."),
+                          ("dec_layers", r"^transformer\.decoder\.layers\.(\d+)\.")):
+        found = [int(m.group(1)) for m in map(re.compile(pattern).match, sd) if m]
+        if found:
+            out[name] = max(found) + 1
+    if "transformer.encoder.layers.0.linear1.weight" in sd:
+        out["dim_feedforward"] = sd["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    out["class_embed_bias"] = any(re.match(r"^class_embed\.\d+\.bias$", k) for k in sd)
+    if backbone is not None:
+        out["backbone"] = backbone
+        projections = sorted((int(m.group(1)), v.shape[1]) for k, v in sd.items()
+                             for m in [re.match(r"^input_proj\.(\d+)\.0\.weight$", k)] if m and v.shape[-1] == 1)
+        stages = [int(round(math.log2(c / channels))) for _, c in projections]
+        if stages and "num_feature_levels" in out and all(0 <= s <= 3 for s in stages):
+            out["return_interm_indices"] = list(stages) + [4] * (out["num_feature_levels"] - len(stages))
+    return out
+
+
+def _shape_backbone(body: StateDict) -> Tuple[Optional[str], int]:
+    """(backbone name, channels of its stage 0) from backbone tensors named without their layout prefix."""
+    if "patch_embed.proj.weight" in body:
+        blocks: Dict[int, int] = {}
+        for k in body:
+            m = re.match(r"^layers[._](\d+)\.blocks\.(\d+)\.", k)
+            if m:
+                blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+        table = body.get("layers.0.blocks.0.attn.relative_position_bias_table",
+                         body.get("layers_0.blocks.0.attn.relative_position_bias_table"))
+        if table is None:
+            return None, 0
+        embed = body["patch_embed.proj.weight"].shape[0]
+        window = (round(table.shape[0] ** 0.5) + 1) // 2
+        return swin_shapes().get((embed, tuple(blocks[i] for i in sorted(blocks)), window)), embed
+    if "conv1.weight" in body or "conv1.0.weight" in body:
+        if "conv1.0.weight" in body:
+            return "resnet_10t", 64
+        if "layer1.0.conv3.weight" in body:
+            return "resnet_50", 256
+        depth = 1 + max((int(m.group(1)) for m in map(re.compile(r"^layer3\.(\d+)\.").match, body) if m), default=0)
+        return {2: "resnet_18", 6: "resnet_34"}.get(depth), 64
+    return None, 0
+
+
+def _usable_text_encoder(value: str) -> bool:
+    """A text encoder a checkpoint names that can be found on this machine (or fetched)."""
+    return value == MINILM or Path(value).expanduser().is_dir() or hub.looks_like_id(value, allow_legacy=True)
+
+
+def settle_model_config(cfg: ModelConfig, checkpoint: Checkpoint) -> ModelConfig:
+    """`cfg` with the checkpoint's structural settings where `cfg` leaves them at their defaults (so the shipped
+    base model or an HF model fine-tunes without hand-copied settings). A value the spec sets that contradicts the
+    checkpoint is refused, all of them in one error naming key, checkpoint value and spec value."""
+    defaults = ModelConfig()
+    carried = {**checkpoint.inferred, **checkpoint.settings}
+    adopted = {}
+    for key in STRUCTURAL_KEYS:
+        if key not in carried or getattr(cfg, key) != getattr(defaults, key) or carried[key] == getattr(cfg, key):
+            continue
+        if key == "text_encoder_type" and not _usable_text_encoder(carried[key]):
+            raise ValueError(f"{checkpoint.key} {checkpoint.source} was trained with model.text_encoder_type "
+                             f"{carried[key]!r}, which is not on this machine: set model.text_encoder_type to a "
+                             "copy of that text encoder (a folder or a Hugging Face id)")
+        adopted[key] = carried[key]
+    settled = dataclasses.replace(cfg, **adopted) if adopted else cfg
+    if adopted:
+        log.info("%s %s: model settings taken from the checkpoint: %s", checkpoint.key, checkpoint.source,
+                 ", ".join(f"{k}={v!r}" for k, v in adopted.items()))
+    # Inferred stage lists are not compared: [1, 2, 3] with 4 levels and [1, 2, 3, 4] build the same weights.
+    inferred = {k: v for k, v in checkpoint.inferred.items() if k != "return_interm_indices"}
+    conflicts = config_conflicts({**inferred, **checkpoint.settings}, settled)
+    if conflicts:
+        raise ValueError(f"{checkpoint.key} {checkpoint.source} was trained with other model settings; set these "
+                         "in the spec (or remove them to take the checkpoint's):\n  " + "\n  ".join(conflicts))
+    return settled
+
+
 def config_conflicts(saved_model_config: dict, cfg) -> List[str]:
     """Structural model settings in which a checkpoint's saved config and `cfg` disagree, as readable lines."""
     current = dataclasses.asdict(cfg)
@@ -247,24 +514,32 @@ def config_conflicts(saved_model_config: dict, cfg) -> List[str]:
     return lines
 
 
-def load_weights(model: nn.Module, source: Union[str, Path, dict], *, strict: bool = True) -> LoadReport:
-    """Load ours / official / Hugging Face / TAO weights into `model` (a GroundingDINO).
+def load_weights(model: nn.Module, source: Union[str, Path, dict, Checkpoint], *, strict: bool = True) -> LoadReport:
+    """Load ours / official / Hugging Face / TAO weights into `model` (a GroundingDINO) from a Checkpoint, a loaded
+    dict, or any source read_checkpoint reads.
 
     strict: any missing, unexpected or mis-shaped key (and any structural config conflict) raises ValueError
     listing them; otherwise the matching tensors load and the report lists the rest.
     """
-    where = str(source) if not isinstance(source, dict) else "<state dict>"
-    obj = torch.load(source, map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
-    try:
-        raw, outer = _unwrap(obj)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    if "model_config" in outer and hasattr(model, "cfg"):
-        conflicts = config_conflicts(outer["model_config"], model.cfg)
+    if isinstance(source, Checkpoint):
+        checkpoint = source
+    elif isinstance(source, dict):
+        try:
+            raw, outer = _unwrap(source)
+        except ValueError as err:
+            raise ValueError(f"<state dict>: {err}") from None
+        checkpoint = Checkpoint("<state dict>", "checkpoint", raw, outer,
+                                dict(outer["model_config"]) if isinstance(outer.get("model_config"), dict) else {})
+    else:
+        checkpoint = read_checkpoint(source)
+    where = checkpoint.source if checkpoint.key == "checkpoint" else f"{checkpoint.key} {checkpoint.source}"
+    outer = checkpoint.outer
+    if checkpoint.settings and hasattr(model, "cfg"):
+        conflicts = config_conflicts(checkpoint.settings, model.cfg)
         if conflicts and strict:
             raise ValueError(f"{where} was trained with other model settings; set these in the spec:\n  "
                              + "\n  ".join(conflicts))
-    sd, fmt = detect_and_convert(raw, model.cfg.backbone)
+    sd, fmt = detect_and_convert(checkpoint.state_dict, model.cfg.backbone)
     if "model_config" in outer:
         fmt = "ours"
     external = _external_text_encoder(outer, model, where)

