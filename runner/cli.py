@@ -94,9 +94,10 @@ def preflight_cmd(args) -> int:
 
 def schemas_generate(args) -> int:
     from sdk import schema_gen
+    from sdk.skill_info import BANK_ROOT
 
     for path in schema_gen.generate():
-        print(path)
+        print(path.relative_to(BANK_ROOT).as_posix())  # in a checkout, also the path from the repository's top
     return 0
 
 
