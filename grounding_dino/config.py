@@ -13,7 +13,14 @@ Each leaf is declared with `param(...)`, which stores its metadata in `dataclass
   only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
   parent job), the checkpoint loader and AutoML (never searched by default);
   `secret=True`: the value is never written to a file (experiment.yaml, a job's spec.yaml and job.json, AutoML trial
-  specs); `secret_keys()` lists them for the launcher and the SDK.
+  specs); `secret_keys()` lists them for the launcher and the SDK;
+  `no_effect=True` (emitted as `x-no-effect`): a key of NVIDIA TAO's spec that this implementation accepts, so TAO
+  spec files load as they are, but does not use; `no_effect_settings()` lists the ones a spec sets to another value
+  than the default, and the launcher warns once per key;
+  `blank_is_default=True`: null or "" means the default (TAO's model_name).
+Enum values are matched in any letter case and `normalize_spec()` rewrites them to the declared spelling (TAO's
+tutorial writes `data_type: fp32`, its code compares `precision.lower()`); a null list or mapping that is not Optional
+means its default (TAO writes unset data sources as null).
 Where NVIDIA TAO's published schema default differs from the default its code runs with, the value its code runs
 with is used here: a user who reads a default in our schema gets that value at run time.
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ACTIONS = ("train", "evaluate", "inference", "export", "quantize", "gen_trt_engine")
 
@@ -88,6 +95,8 @@ def param(
     display_name: Optional[str] = None,
     structural: bool = False,
     secret: bool = False,
+    no_effect: bool = False,
+    blank_is_default: bool = False,
 ):
     """Declare a spec leaf with its metadata. Mutable defaults are copied per instance."""
     metadata = {
@@ -101,6 +110,8 @@ def param(
         "display_name": display_name,
         "structural": structural,
         "secret": secret,
+        "no_effect": no_effect,
+        "blank_is_default": blank_is_default,
     }
     if isinstance(default, (list, dict)):
         frozen = default
@@ -293,10 +304,15 @@ class ModelConfig:
     linear_proj_names: List[str] = param(
         ["reference_points", "sampling_offsets"], "Parameter-name substrings trained at lr x lr_linear_proj_mult."
     )
-    dilation: bool = param(False, "Unused by Grounding DINO; kept so TAO specs load.")
+    dilation: bool = param(False, "Unused by Grounding DINO; kept so TAO specs load.", no_effect=True)
     decoder_sa_type: str = param("sa", "Decoder self-attention type; only 'sa' exists.", options=("sa",))
-    fix_refpoints_hw: int = param(-1, "Unused by Grounding DINO; kept so TAO specs load.")
-    clip_max_norm: float = param(0.1, "Unused (see train.clip_grad_norm); kept so TAO specs load.", minimum=0.0)
+    fix_refpoints_hw: int = param(-1, "Unused by Grounding DINO; kept so TAO specs load.", no_effect=True)
+    clip_max_norm: float = param(0.1, "Unused (see train.clip_grad_norm); kept so TAO specs load.", minimum=0.0,
+                                 no_effect=True)
+    pre_norm: bool = param(
+        False, "TAO's LayerNorm after the last encoder layer. Accepted so TAO specs load; has no effect here (the "
+               "encoder and decoder layers are post-norm, as in the official model).", no_effect=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +337,7 @@ class OptimConfig:
     )
     momentum: float = param(
         0.9, "Momentum (not used by AdamW).", minimum=0.0, maximum=1.0,
-        automl=AutoML(valid_min=0.8, valid_max=0.99),
+        automl=AutoML(valid_min=0.8, valid_max=0.99), no_effect=True,
     )
     weight_decay: float = param(
         1e-4, "Weight decay.", minimum=0.0,
@@ -432,6 +448,11 @@ class ExportConfig:
     verify: bool = param(True, "Run ONNX Runtime on a sample and compare with PyTorch after export.")
     verify_tolerance: float = param(1e-3, "Largest allowed |ONNX - PyTorch| on finite logits and boxes.",
                                     exclusive_minimum=0.0)
+    serialize_nvdsinfer: bool = param(
+        False, "Also write the DeepStream configs beside the ONNX file: nvinfer_config.txt (Gst-nvinfer [property]: "
+               "onnx-file, input dims and order, net-scale-factor/offsets of dataset.augmentation's normalisation, "
+               "raw tensor output) and nvdspreprocess_config.txt (Gst-nvdspreprocess, which feeds the image tensor).",
+    )
 
 
 @dataclass
@@ -442,6 +463,12 @@ class TensorRTConfig:
     min_batch_size: int = param(1, "Optimization profile: min batch.", minimum=1)
     opt_batch_size: int = param(1, "Optimization profile: opt batch.", minimum=1)
     max_batch_size: int = param(4, "Optimization profile: max batch.", minimum=1)
+    layers_precision: List[str] = param(
+        [], "Per-layer precision as TAO writes it, \"layer_name:precision\" with precision fp32, fp16, int32 or int8 "
+            "and the ONNX node name as layer name, e.g. [\"/transformer/decoder/norm/LayerNormalization:fp32\"]; "
+            "\"*:fp32\" sets every other layer. Applied to FP16 engines with TensorRT's "
+            "PREFER_PRECISION_CONSTRAINTS (an FP32 engine already runs every layer in FP32).",
+    )
 
 
 @dataclass
@@ -490,6 +517,13 @@ class QuantizeConfig:
     device: str = param("cpu", "Device for calibration.", options=("cpu", "cuda"))
     num_calibration_batches: int = param(8, "Calibration batches (images with their real captions).", minimum=1)
     evaluate: bool = param(True, "Evaluate the quantized and float models on the val set and report mAP50.")
+    backend_kwargs: Dict[str, Any] = param(
+        {}, "Extra keyword arguments for the backend, over the ones this action sets. onnxruntime: keywords of "
+            "quantize_static / quantize_dynamic (enum values by name, e.g. activation_type: QUInt8; extra_options "
+            "merge key by key, e.g. {extra_options: {ActivationSymmetric: false}}); modelopt.onnx: keywords of "
+            "modelopt.onnx.quantization.quantize; modelopt.pytorch: keys merged into the mtq config (quant_cfg, "
+            "algorithm); torchao: keywords of Int8WeightOnlyConfig.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,6 +567,7 @@ class WandbConfig:
     save_code: bool = param(False, "Save code to W&B.")
     name: Optional[str] = param(None, "W&B run name.")
     run_id: Optional[str] = param(None, "W&B run id to resume.")
+    group: Optional[str] = param(None, "W&B group of runs.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -543,7 +578,9 @@ class WandbConfig:
 class ExperimentConfig:
     results_dir: Optional[str] = param(None, "Root results folder; each action writes <results_dir>/<action>.")
     encryption_key: Optional[str] = param(None, "Model key (never written to logs).", secret=True)
-    model_name: str = param("grounding_dino", "Model family.", options=("grounding_dino",))
+    model_name: Optional[str] = param("grounding_dino", "Model family; null or \"\" (TAO's default) mean "
+                                                         "grounding_dino.", options=("grounding_dino",),
+                                      blank_is_default=True)
     model: ModelConfig = section(ModelConfig, "Architecture, losses and matcher.")
     dataset: DatasetConfig = section(DatasetConfig, "Data sources, loaders and augmentation.")
     train: TrainConfig = section(TrainConfig, "Training.")
@@ -597,6 +634,7 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+        self.message = message
 
 
 def from_dict(cls, data: Optional[Dict[str, Any]], path: str = ""):
@@ -654,4 +692,85 @@ def default_spec() -> Dict[str, Any]:
 
 
 def load_experiment(data: Dict[str, Any]) -> ExperimentConfig:
-    return from_dict(ExperimentConfig, data)
+    return from_dict(ExperimentConfig, normalize_spec(data))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TAO spellings and keys accepted without effect
+
+
+def normalize_spec(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of spec `data` in our spellings: an enum value in any letter case becomes the declared option, a
+    `blank_is_default` key that is null or "" becomes its default, and null for a list or mapping that is not
+    Optional becomes its default. Anything else (unknown keys, wrong types) is left for validation to report."""
+    return _normalized(ExperimentConfig, data)
+
+
+def _normalized(cls, data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        value, meta, hint = out[f.name], f.metadata, hints[f.name]
+        nested = _nested_type(cls, f)
+        if meta.get("section"):
+            out[f.name] = _normalized(nested, value)
+        elif meta.get("blank_is_default") and value in (None, ""):
+            out[f.name] = _field_default(f)
+        elif value is None and typing.get_origin(hint) in (list, dict):
+            out[f.name] = _field_default(f)
+        elif nested is not None and isinstance(value, list):
+            out[f.name] = [_normalized(nested, item) for item in value]
+        elif isinstance(value, str) and meta.get("options"):
+            out[f.name] = next((o for o in meta["options"] if isinstance(o, str) and o.lower() == value.lower()),
+                               value)
+    return out
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def no_effect_settings(cfg: ExperimentConfig, sections: Sequence[str]) -> List[Tuple[str, Any]]:
+    """(dotted key, value) of every `no_effect` key under `sections` whose value differs from its default."""
+    found: List[Tuple[str, Any]] = []
+
+    def walk(obj, default, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, base = getattr(obj, f.name), getattr(default, f.name)
+            if f.metadata.get("section"):
+                walk(value, base, f"{prefix}{f.name}.")
+            elif f.metadata.get("no_effect") and value != base:
+                found.append((prefix + f.name, value))
+
+    for name in sections:
+        walk(getattr(cfg, name), getattr(ExperimentConfig(), name), f"{name}.")
+    return found
+
+
+LAYER_PRECISIONS = ("fp32", "fp16", "int32", "int8")
+
+
+def parse_layers_precision(entries: Sequence[Any]) -> Dict[str, str]:
+    """gen_trt_engine.tensorrt.layers_precision, TAO's ["layer_name:precision", ...], as {layer_name: precision}.
+
+    The name is everything before the last ':' (ONNX node names may hold ':'), the precision is matched in any letter
+    case; '*' names every layer not named otherwise. Raises ConfigError naming the entry."""
+    parsed: Dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        key = f"gen_trt_engine.tensorrt.layers_precision[{i}]"
+        name, _, precision = entry.rpartition(":") if isinstance(entry, str) else ("", "", "")
+        if not name.strip():
+            raise ConfigError(key, "not \"layer_name:precision\"; write e.g. "
+                                   "\"/transformer/decoder/norm/LayerNormalization:fp32\" or \"*:fp16\"")
+        if precision.strip().lower() not in LAYER_PRECISIONS:
+            raise ConfigError(key, f"precision {precision!r} is not one of {', '.join(LAYER_PRECISIONS)}")
+        if name in parsed:
+            raise ConfigError(key, f"layer {name!r} is given twice; keep one entry per layer")
+        parsed[name] = precision.strip().lower()
+    return parsed

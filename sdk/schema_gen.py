@@ -37,7 +37,9 @@ _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def _type_schema(hint: Any) -> Dict[str, Any]:
-    """JSON Schema of a type hint: scalars, Optional, List, Dict[str, X] and nested dataclasses."""
+    """JSON Schema of a type hint: scalars, Optional, List, Dict[str, X], Any and nested dataclasses."""
+    if hint is Any:
+        return {}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:
         members = [a for a in args if a is not type(None)]
@@ -79,12 +81,20 @@ def _field_schema(f: dataclasses.Field, hint: Any) -> Dict[str, Any]:
     if meta.get("options") is not None:
         nullable = isinstance(schema["type"], list)
         schema["enum"] = list(meta["options"]) + ([None] if nullable else [])
+        if any(isinstance(o, str) and o.lower() != o.upper() for o in meta["options"]):
+            # Specs are normalised before validation (config.normalize_spec); a tool validating a raw spec against
+            # this schema alone needs to know.
+            schema["description"] += " Any letter case is accepted and read as the value listed."
+            schema["x-case-insensitive"] = True
     if meta.get("popular"):
         schema["x-popular"] = True
     if meta.get("automl") is not None:
         schema["x-automl"] = {**meta["automl"].to_schema(), "popular": bool(meta.get("popular"))}
     if meta.get("structural"):
         schema["x-structural"] = True
+    if meta.get("no_effect"):
+        schema["description"] += " Has no effect here (a warning says so when it is set)."
+        schema["x-no-effect"] = True
     return schema
 
 

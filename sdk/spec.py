@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
+from grounding_dino.config import ConfigError, normalize_spec, parse_layers_precision
 from grounding_dino.layout import replace_atomically
 from sdk import schema_gen
 from sdk.errors import MISSING, SpecError, SpecIssue
@@ -275,14 +276,15 @@ def _fill_defaults(schema: Mapping[str, Any], value: Any, in_item: bool = False)
 
 def resolve_spec(action: str, spec: Union[str, os.PathLike, Mapping[str, Any], None] = None,
                  overrides: Union[Mapping[str, Any], Sequence[str], None] = None) -> Dict[str, Any]:
-    """The action's runtime defaults, with `spec` merged on top, then `overrides` (shorthand keys allowed).
+    """The action's runtime defaults, with `spec` merged on top, then `overrides` (shorthand keys allowed), in our
+    spellings (config.normalize_spec: `data_type: fp32` reads as FP32, `model_name: null` as grounding_dino).
     Sections of other actions in `spec` are kept as given (a full TAO experiment spec runs any action)."""
     info = load_skill_info()
     info.action(action)
     merged = _merge(schema_gen.action_default(action), load_spec(spec) if spec is not None else {})
     schema = _validation_schema(action)
     merged = apply_overrides(_fill_defaults(schema, merged), overrides, info.shorthand)
-    return _fill_defaults(schema, merged)
+    return _fill_defaults(schema, normalize_spec(merged))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,6 +405,12 @@ def _consistency(spec: Mapping[str, Any]) -> List[SpecIssue]:
     if low is not None and high is not None and low > high:
         issues.append(SpecIssue("dataset.augmentation.train_random_crop_min", low,
                                 f"must be <= dataset.augmentation.train_random_crop_max ({high})"))
+    layers_precision = get_path(spec, "gen_trt_engine.tensorrt.layers_precision", None)
+    if isinstance(layers_precision, list) and all(isinstance(e, str) for e in layers_precision):  # else: type error
+        try:
+            parse_layers_precision(layers_precision)
+        except ConfigError as exc:
+            issues.append(SpecIssue(exc.path, get_path(spec, exc.path, MISSING), exc.message))
     batches = [_number(spec, f"gen_trt_engine.tensorrt.{k}_batch_size") for k in ("min", "opt", "max")]
     if None not in batches and not batches[0] <= batches[1] <= batches[2]:
         issues.append(SpecIssue("gen_trt_engine.tensorrt.opt_batch_size", batches[1],

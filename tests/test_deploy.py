@@ -111,7 +111,7 @@ def test_deploy_templates_carry_the_keys_the_engine_path_reads():
     assert set(gen["gen_trt_engine"]) >= {"onnx_file", "trt_engine", "timing_cache", "gpu_id", "input_width",
                                           "input_height", "verbose", "tensorrt"}
     assert set(gen["gen_trt_engine"]["tensorrt"]) == {"data_type", "workspace_size", "min_batch_size",
-                                                      "opt_batch_size", "max_batch_size"}
+                                                      "opt_batch_size", "max_batch_size", "layers_precision"}
     assert "max_text_len" in gen["model"]
     for action in ("evaluate", "inference"):
         spec = yaml.safe_load((folder / f"spec_template_deploy_{action}.yaml").read_text())

@@ -17,13 +17,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import yaml
 
-from grounding_dino.config import ACTIONS, ExperimentConfig, load_experiment, secret_keys, to_dict
+from grounding_dino.config import (ACTION_SECTIONS, ACTIONS, ExperimentConfig, load_experiment, no_effect_settings,
+                                   secret_keys, to_dict)
 from grounding_dino.layout import EXPERIMENT_FILE, STATUS_FILE, replace_atomically, results_dir_for
 from grounding_dino.status import Report, StatusWriter, reported
 
@@ -101,6 +104,16 @@ def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
     return path
 
 
+def warn_no_effect(action: str, cfg: ExperimentConfig) -> None:
+    """One stderr line per key of the action's sections that TAO has, this implementation ignores, and the spec
+    sets to a non-default value (config.py's `no_effect=True`); DDP ranks after the first stay quiet."""
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    for key, value in no_effect_settings(cfg, ACTION_SECTIONS[action]):
+        print(f"WARNING: {key}: {value!r} has no effect in this implementation (the key is accepted so NVIDIA TAO "
+              "specs load); remove it to silence this warning", file=sys.stderr)
+
+
 def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **options: Any) -> int:
     """Run `action` on `spec` (a validated spec dict or an ExperimentConfig); returns the exit code, 0.
 
@@ -110,6 +123,7 @@ def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **
     """
     cfg = spec if isinstance(spec, ExperimentConfig) else load_experiment(dict(spec))
     function = get_action(action)
+    warn_no_effect(action, cfg)
     if REGISTRY[action].precheck is not None:
         REGISTRY[action].precheck(cfg)
     run = ActionRun(results_dir_for(action, cfg))

@@ -10,6 +10,11 @@ it honours opset 17; the dynamo exporter silently moves to 18.
 After writing the file the action checks it: onnx.checker, then ONNX Runtime against PyTorch on rendered sample
 images with their captions (two images with different captions when the batch is dynamic, so the batch axis is
 exercised), and fails when the largest difference on finite logits or on boxes exceeds export.verify_tolerance.
+
+With export.serialize_nvdsinfer it also writes, beside the ONNX file, the DeepStream configs TAO writes for this
+model: Gst-nvinfer's (the ONNX with its raw outputs attached as tensor meta, network-type 100, no clustering) and
+Gst-nvdspreprocess's, which prepares the image tensor (input-tensor-from-meta: the text tensors come from the
+application, as in TAO's DeepStream apps). There is no labels file: the phrases come with each request.
 """
 from __future__ import annotations
 
@@ -279,6 +284,95 @@ def load_for_export(path: str, cfg: ExperimentConfig, section: str = "export") -
     return TorchPredictor.load(path, cfg, section).model.to(device).eval()
 
 
+NVINFER_CONFIG = "nvinfer_config.txt"
+NVDSPREPROCESS_CONFIG = "nvdspreprocess_config.txt"
+_DEEPSTREAM_LIB = "/opt/nvidia/deepstream/deepstream/lib"
+
+
+def _ini(sections: Dict[str, Dict[str, object]], header: str) -> str:
+    """GKeyFile text (what DeepStream reads): lists joined with ';'."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, keys in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key}={';'.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+                  for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def deepstream_normalisation(mean: Sequence[float], std: Sequence[float]) -> Tuple[float, List[float]]:
+    """(net-scale-factor, offsets) for DeepStream's y = net-scale-factor * (x - offsets) on 0..255 pixels, from the
+    model's (x / 255 - mean) / std. DeepStream has one scale for all channels, so the mean std is used (ImageNet's
+    std differ by at most 1.3% from their mean)."""
+    return 1.0 / (255.0 * float(np.mean(std))), [round(255.0 * m, 4) for m in mean]
+
+
+def write_deepstream_configs(cfg: ExperimentConfig, onnx_path: Path) -> List[Path]:
+    """nvinfer_config.txt and nvdspreprocess_config.txt beside `onnx_path`; returns their paths."""
+    options = cfg.export
+    scale, offsets = deepstream_normalisation(cfg.dataset.augmentation.input_mean, cfg.dataset.augmentation.input_std)
+    batch = 1 if options.batch_size == -1 else options.batch_size
+    dims = [options.input_channel, options.input_height, options.input_width]
+    header = (f"DeepStream config of {onnx_path.name}, written by the export action (export.serialize_nvdsinfer).\n"
+              f"Normalisation: dataset.augmentation input_mean {list(cfg.dataset.augmentation.input_mean)} and "
+              f"input_std {list(cfg.dataset.augmentation.input_std)}, one scale (mean std) for all channels.")
+    nvinfer = {
+        "property": {
+            "gpu-id": options.gpu_id,
+            "onnx-file": onnx_path.name,
+            "net-scale-factor": f"{scale:.10g}",
+            "offsets": offsets,
+            "model-color-format": 0,  # RGB
+            "infer-dims": dims,
+            "network-input-order": 0,  # NCHW
+            "batch-size": batch,
+            "network-mode": 0,  # FP32; an INT8 QDQ ONNX from the quantize action carries its own precisions
+            "network-type": 100,  # "other": the raw pred_logits / pred_boxes go to the application
+            "output-tensor-meta": 1,
+            "output-blob-names": list(ONNX_OUTPUTS),
+            "input-tensor-from-meta": 1,
+            "cluster-mode": 4,  # no clustering: the detector has no duplicates to merge
+            "maintain-aspect-ratio": 0,  # the exported model's input is a plain resize, as in evaluate/inference
+            "gie-unique-id": 1,
+            "custom-lib-path": f"{_DEEPSTREAM_LIB}/libnvds_infercustomparser_tao.so",
+        },
+        "class-attrs-all": {"pre-cluster-threshold": cfg.inference.conf_threshold, "topk": cfg.model.num_select},
+    }
+    preprocess = {
+        "property": {
+            "enable": 1,
+            "target-unique-ids": 1,  # the nvinfer above (gie-unique-id)
+            "unique-id": 5,
+            "gpu-id": options.gpu_id,
+            "process-on-frame": 1,
+            "network-input-order": 0,
+            "network-input-shape": [batch] + dims,
+            "network-color-format": 0,
+            "tensor-data-type": 0,  # FP32
+            "tensor-name": ONNX_INPUTS[0],
+            "processing-width": options.input_width,
+            "processing-height": options.input_height,
+            "maintain-aspect-ratio": 0,
+            "symmetric-padding": 0,
+            "scaling-buf-pool-size": 6,
+            "tensor-buf-pool-size": 6,
+            "scaling-pool-memory-type": 0,
+            "scaling-pool-compute-hw": 0,
+            "scaling-filter": 0,
+            "custom-lib-path": f"{_DEEPSTREAM_LIB}/gst-plugins/libcustom2d_preprocess.so",
+            "custom-tensor-preparation-function": "CustomTensorPreparation",
+        },
+        "user-configs": {"pixel-normalization-factor": f"{scale:.10g}", "offsets": offsets},
+        "group-0": {"src-ids": -1, "custom-input-transformation-function": "CustomAsyncTransformation",
+                    "process-on-roi": 0},
+    }
+    written = []
+    for name, sections in ((NVINFER_CONFIG, nvinfer), (NVDSPREPROCESS_CONFIG, preprocess)):
+        path = onnx_path.parent / name
+        path.write_text(_ini(sections, header), encoding="utf-8")
+        written.append(path)
+    return written
+
+
 def run_export(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `export` action: export.checkpoint -> export.onnx_file (or <results>/export/model.onnx)."""
     if not cfg.export.checkpoint:
@@ -293,5 +387,10 @@ def run_export(cfg: ExperimentConfig, run: ActionRun) -> None:
                     f"{result.max_abs_diff_logits:.3g} on logits, {result.max_abs_diff_boxes:.3g} on boxes, "
                     f"{result.max_abs_diff_selection:.3g} on selection scores ({result.queries_reselected} near-tied "
                     "queries picked in another order).")
+    extra = {}
+    if cfg.export.serialize_nvdsinfer:
+        nvinfer, preprocess = write_deepstream_configs(cfg, path)
+        message += f" DeepStream configs: {nvinfer}, {preprocess}."
+        extra = {"nvinfer_config": str(nvinfer), "nvdspreprocess_config": str(preprocess)}
     print(message)
-    run.report.succeed(message, onnx_file=str(path), kpi=result.kpi() if result else None)
+    run.report.succeed(message, onnx_file=str(path), kpi=result.kpi() if result else None, **extra)

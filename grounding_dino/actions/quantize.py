@@ -13,6 +13,7 @@ Backends (quantize.backend):
   torchao           INT8 weight-only PyTorch model (torchao).
 quantize.skip_names are fnmatch patterns of ONNX node names (ONNX backends) or module names (PyTorch backends)
 left in float. ONNX backends take an .onnx (a .pth is exported first with the export section's settings).
+quantize.backend_kwargs go to the backend over the arguments set here (see backend_call and each backend).
 
 With quantize.evaluate the quantized and the float model are both scored on dataset.val_data_sources by the
 evaluate action's code, and both mAP50 go to status.json (KPIs float_mAP50, quantized_mAP50) and results.json.
@@ -22,11 +23,12 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -155,24 +157,55 @@ def _onnx_input(job: QuantizeRun) -> Path:
     return path
 
 
+# The action supplies these itself: the model files and the calibration data.
+_ORT_OWN = ("model_input", "model_output", "calibration_data_reader")
+_ORT_ENUMS = {"quant_format": ort_quant.QuantFormat, "activation_type": ort_quant.QuantType,
+              "weight_type": ort_quant.QuantType, "calibrate_method": ort_quant.CalibrationMethod}
+
+
+def backend_call(function: Callable, ours: Mapping[str, Any], given: Mapping[str, Any],
+                 enums: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Keyword arguments for `function`: `ours` with quantize.backend_kwargs (`given`) on top. A key must be a
+    keyword of `function`; an `enums` key given as a string is read as that enum's member name; a mapping given for
+    a mapping of ours (onnxruntime's extra_options) merges key by key."""
+    accepted = [name for name in inspect.signature(function).parameters if name not in _ORT_OWN]
+    kwargs = dict(ours)
+    for key, value in given.items():
+        where = f"quantize.backend_kwargs.{key}"
+        if key not in accepted:
+            raise ValueError(f"{where}: not a keyword of {function.__module__}.{function.__name__}; its keywords "
+                             f"are {', '.join(accepted)}")
+        if enums and key in enums and isinstance(value, str):
+            members = enums[key].__members__
+            if value not in members:
+                raise ValueError(f"{where}: {value!r} is not one of {', '.join(members)}")
+            value = members[value]
+        if isinstance(value, Mapping) and isinstance(kwargs.get(key), Mapping):
+            value = {**kwargs[key], **value}
+        kwargs[key] = value
+    return kwargs
+
+
 def static_int8(prepared: Path, output: Path, feeds: Iterator[Dict[str, object]], algorithm: str = "minmax",
-                excluded: Sequence[str] = ()) -> Path:
+                excluded: Sequence[str] = (), backend_kwargs: Optional[Mapping[str, Any]] = None) -> Path:
     """INT8 QDQ of a quant_pre_process'ed graph, calibrated on contract feeds (numpy): symmetric activations and
-    per-channel symmetric weights, the layout TensorRT builds too."""
-    ort_quant.quantize_static(
-        str(prepared), str(output), _Reader(feeds),
-        quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
-        activation_type=ort_quant.QuantType.QInt8, weight_type=ort_quant.QuantType.QInt8,
-        calibrate_method=getattr(ort_quant.CalibrationMethod, _ORT_CALIBRATION[algorithm]),
-        op_types_to_quantize=_ORT_OPS_STATIC, nodes_to_exclude=list(excluded),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-    )
+    per-channel symmetric weights, the layout TensorRT builds too, unless backend_kwargs say otherwise."""
+    ours = dict(quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
+                activation_type=ort_quant.QuantType.QInt8, weight_type=ort_quant.QuantType.QInt8,
+                calibrate_method=getattr(ort_quant.CalibrationMethod, _ORT_CALIBRATION[algorithm]),
+                op_types_to_quantize=_ORT_OPS_STATIC, nodes_to_exclude=list(excluded),
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    ort_quant.quantize_static(str(prepared), str(output), _Reader(feeds),
+                              **backend_call(ort_quant.quantize_static, ours, backend_kwargs or {}, _ORT_ENUMS))
     return output
 
 
-def dynamic_int8(prepared: Path, output: Path, excluded: Sequence[str] = ()) -> Path:
-    ort_quant.quantize_dynamic(str(prepared), str(output), weight_type=ort_quant.QuantType.QInt8, per_channel=True,
-                               op_types_to_quantize=_ORT_OPS_DYNAMIC, nodes_to_exclude=list(excluded))
+def dynamic_int8(prepared: Path, output: Path, excluded: Sequence[str] = (),
+                 backend_kwargs: Optional[Mapping[str, Any]] = None) -> Path:
+    ours = dict(weight_type=ort_quant.QuantType.QInt8, per_channel=True, op_types_to_quantize=_ORT_OPS_DYNAMIC,
+                nodes_to_exclude=list(excluded))
+    ort_quant.quantize_dynamic(str(prepared), str(output),
+                               **backend_call(ort_quant.quantize_dynamic, ours, backend_kwargs or {}, _ORT_ENUMS))
     return output
 
 
@@ -185,9 +218,9 @@ def quantize_onnxruntime(job: QuantizeRun) -> Outcome:
     output = job.results_dir / "quantized_model.onnx"
     if options.mode == "static_ptq":
         feeds, _ = _onnx_calibration(job.cfg, source)
-        static_int8(prepared, output, _onnx_feeds(feeds), options.algorithm, excluded)
+        static_int8(prepared, output, _onnx_feeds(feeds), options.algorithm, excluded, options.backend_kwargs)
     else:
-        dynamic_int8(prepared, output, excluded)
+        dynamic_int8(prepared, output, excluded, options.backend_kwargs)
     prepared.unlink()
     return Outcome(output, OnnxPredictor.load(str(output), job.cfg, "quantize"),
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
@@ -214,12 +247,11 @@ def quantize_modelopt_onnx(job: QuantizeRun) -> Outcome:
     batches = list(_onnx_feeds(feeds))
     calibration = {name: np.concatenate([b[name] for b in batches]) for name in ONNX_INPUTS}
     output = job.results_dir / "quantized_model.onnx"
-    modelopt_onnx.quantize(
-        onnx_path=str(source), quantize_mode=_MODELOPT_DTYPES[options.default_activation_dtype],
-        calibration_data=calibration, calibration_method=options.algorithm,
-        calibration_eps=["cuda:0"] if options.device == "cuda" else ["cpu"],
-        nodes_to_exclude=_excluded_nodes(source, options.skip_names) or None, output_path=str(output),
-    )
+    ours = dict(onnx_path=str(source), quantize_mode=_MODELOPT_DTYPES[options.default_activation_dtype],
+                calibration_data=calibration, calibration_method=options.algorithm,
+                calibration_eps=["cuda:0"] if options.device == "cuda" else ["cpu"],
+                nodes_to_exclude=_excluded_nodes(source, options.skip_names) or None, output_path=str(output))
+    modelopt_onnx.quantize(**backend_call(modelopt_onnx.quantize, ours, options.backend_kwargs))
     return Outcome(output, OnnxPredictor.load(str(output), job.cfg, "quantize"),
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
 
@@ -249,6 +281,12 @@ def quantize_modelopt_pytorch(job: QuantizeRun) -> Outcome:
     config["algorithm"] = options.algorithm
     for pattern in options.skip_names:
         config["quant_cfg"][pattern] = {"enable": False}
+    for key, value in options.backend_kwargs.items():
+        if key not in config:
+            raise ValueError(f"quantize.backend_kwargs.{key}: not a key of the modelopt.pytorch config; its keys are "
+                             f"{', '.join(config)}")
+        config[key] = {**config[key], **value} if isinstance(value, Mapping) and isinstance(config[key], Mapping) \
+            else value
     feeds = list(calibration_feeds(job.cfg, model.tokenizer, None, job.cfg.dataset.batch_size,
                                    options.num_calibration_batches))
 
@@ -270,7 +308,8 @@ def quantize_torchao(job: QuantizeRun) -> Outcome:
     options = job.cfg.quantize
     model = _torch_model(job)
     float_model = copy.deepcopy(model) if options.evaluate else None
-    torchao.quantize_(model, torchao.Int8WeightOnlyConfig(),
+    weight_only = torchao.Int8WeightOnlyConfig(**backend_call(torchao.Int8WeightOnlyConfig, {}, options.backend_kwargs))
+    torchao.quantize_(model, weight_only,
                       filter_fn=lambda module, name: isinstance(module, nn.Linear) and not _skipped(name, options.skip_names))
     output = job.results_dir / "quantized_model_torchao.pth"
     torch.save(model.state_dict(), output)

@@ -7,15 +7,20 @@ made by the quantize action, which builds strongly typed with the precisions it 
 TensorRT 10 and 11 differ in how FP16 is asked for: 10.x has BuilderFlag.FP16; 11.x removed it and is always
 strongly typed, so the ONNX is first converted to FP16 with its inputs and outputs kept FP32 (ModelOpt AutoCast).
 A QDQ ONNX on 10.x is built strongly typed as well, which rules out the flag there too.
+
+gen_trt_engine.tensorrt.layers_precision (TAO's "layer_name:precision" list) pins layers of an FP16 engine to a
+precision with PREFER_PRECISION_CONSTRAINTS, as TAO does: the builder follows them where a kernel exists and still
+builds where none does. A strongly typed network takes each layer's precision from the ONNX's types, so there the
+list is refused.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
-from grounding_dino.config import TensorRTConfig
+from grounding_dino.config import TensorRTConfig, parse_layers_precision
 from grounding_dino.deploy import always_strongly_typed, tensorrt
 
 log = logging.getLogger(__name__)
@@ -94,6 +99,67 @@ def check_data_type(options: TensorRTConfig) -> None:
                          "INT8 quantize the model (quantize action, INT8 QDQ ONNX) and build that ONNX with FP32")
 
 
+def _keeps_own_type(trt, layer) -> bool:
+    """Layers a '*' entry leaves alone, as TAO does: integer/bool math, constants (INT32 weights) and shape
+    computations, whose types a float precision would break."""
+    if layer.precision in (trt.int32, trt.bool) or layer.type == trt.LayerType.CONSTANT:
+        return True
+    first_in = layer.get_input(0) if layer.num_inputs >= 1 else None
+    first_out = layer.get_output(0) if layer.num_outputs >= 1 else None
+    if first_in is not None and first_in.is_shape_tensor:
+        return True
+    return (first_in is not None and first_out is not None and first_in.dtype == trt.int32
+            and first_out.dtype == trt.int32)
+
+
+def apply_layer_precisions(trt, network, config, precisions: Dict[str, str]) -> List[str]:
+    """Set the precision (and the float output types) of the layers named in `precisions` ('*': every other layer
+    but those _keeps_own_type), with PREFER_PRECISION_CONSTRAINTS on `config`; returns the names of the layers set.
+    A name that is no layer of the network raises ValueError naming it."""
+    dtypes = {"fp32": trt.float32, "fp16": trt.float16, "int32": trt.int32, "int8": trt.int8}
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    unknown = sorted(set(precisions) - {layer.name for layer in layers} - {"*"})
+    if unknown:
+        example = layers[len(layers) // 2].name if layers else "?"
+        raise ValueError(f"gen_trt_engine.tensorrt.layers_precision names {', '.join(map(repr, unknown))}, which "
+                         f"{'is' if len(unknown) == 1 else 'are'} no layer of the network; layer names are the ONNX "
+                         f"node names (e.g. {example!r})")
+    applied = []
+    for layer in layers:
+        wanted = precisions.get(layer.name)
+        if wanted is None:
+            if "*" not in precisions or _keeps_own_type(trt, layer):
+                continue
+            wanted = precisions["*"]
+        dtype = dtypes[wanted]
+        layer.precision = dtype
+        if dtype in (trt.float32, trt.float16):
+            # Without the output type the builder may still hand the next layer a tensor in another precision.
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                    layer.set_output_type(j, dtype)
+        applied.append(layer.name)
+    config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    return applied
+
+
+def layer_precisions_for(options: TensorRTConfig, strongly_typed: bool) -> Dict[str, str]:
+    """The parsed layers_precision to apply to this build ({} when there is nothing to apply); raises ValueError
+    when the network cannot take them."""
+    precisions = parse_layers_precision(options.layers_precision)
+    if not precisions:
+        return {}
+    if strongly_typed:
+        raise ValueError("gen_trt_engine.tensorrt.layers_precision cannot be applied: this network is strongly typed "
+                         "(a QDQ ONNX, or TensorRT 11+, which builds only strongly typed networks), so each layer "
+                         "runs in the type the ONNX gives it; remove layers_precision")
+    if options.data_type == "FP32":
+        log.warning("gen_trt_engine.tensorrt.layers_precision has no effect on an FP32 engine (every layer runs in "
+                    "FP32, as in TAO); set data_type FP16 to use it")
+        return {}
+    return precisions
+
+
 def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *, max_text_len: int, width: int,
                  height: int, gpu_id: int = 0, timing_cache: Path | None = None, verbose: bool = False) -> Path:
     """Build and write the engine; returns its path. Raises with the parser's or builder's reason on failure."""
@@ -105,6 +171,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *,
     profile = engine_profile(onnx_inputs(onnx_path), options, max_text_len=max_text_len, width=width, height=height)
     qdq = has_qdq(onnx_path)
     typed_only = always_strongly_typed(trt)
+    precisions = layer_precisions_for(options, strongly_typed=typed_only or qdq)
     source = onnx_path
     if options.data_type == "FP16" and (typed_only or qdq):
         source = fp16_onnx(onnx_path, engine_path.with_suffix(".fp16.onnx"))
@@ -122,6 +189,9 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *,
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_size << 20)
     if options.data_type == "FP16" and source is onnx_path:
         config.set_flag(trt.BuilderFlag.FP16)
+    if precisions:
+        applied = apply_layer_precisions(trt, network, config, precisions)
+        log.info("layers_precision set %d layers", len(applied))
     if profile.dynamic:
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile.shapes.items():
