@@ -371,6 +371,10 @@ class TrainConfig:
     num_epochs: int = param(10, "Training epochs.", minimum=1, popular=True)
     checkpoint_interval: int = param(1, "Save a checkpoint every N units (checkpoint_interval_unit).", minimum=1)
     checkpoint_interval_unit: str = param("epoch", "Unit of checkpoint_interval.", options=("epoch", "step"))
+    checkpoint_keep_last: int = param(
+        0, "Keep only the newest N model_epoch_* checkpoints (plus the one gdino_model_latest.pth points at and the "
+        "best by validation mAP when validation runs); 0 keeps all.", minimum=0,
+    )
     validation_interval: int = param(1, "Validate every N epochs.", minimum=1)
     resume_training_checkpoint_path: Optional[str] = param(None, "Checkpoint to resume from (epoch and step continue).")
     results_dir: Optional[str] = param(None, "Train results folder; default <results_dir>/train.")
@@ -381,6 +385,10 @@ class TrainConfig:
                               "parameters are all frozen runs in eval mode while training (no dropout, fixed norm "
                               "statistics).")
     clip_grad_norm: float = param(0.1, "Gradient-norm clip (0 disables).", minimum=0.0)
+    skip_nonfinite_steps: bool = param(
+        False, "Skip a step whose loss is NaN or infinite (no optimizer step, gradients zeroed) with one counted "
+        "warning, instead of stopping training at the first one.",
+    )
     is_dry_run: bool = param(False, "Run one batch of train and val, then stop.")
     optim: OptimConfig = section(OptimConfig, "Optimizer and learning-rate schedule.")
     precision: str = param("fp32", "Numeric precision.", options=("fp32", "fp16", "bf16"))
