@@ -207,7 +207,8 @@ def test_unreadable_image_is_named(tmp_path):
     source = write_source(tmp_path, [odvg_line("a.jpg", [([1, 1, 9, 9], 0)])])
     (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
     ds = build_dataset(config([source]), "train")
-    with pytest.raises(DataError, match=r"ann\.jsonl line 1: cannot read image .*a\.jpg"):
+    with pytest.raises(DataError, match=r"^dataset\.train_data_sources\[0\]\.image_dir: cannot read image .*a\.jpg "
+                                        r"\(file .*ann\.jsonl line 1\): .*Fix: .*dataset\.skip_bad_images=true"):
         ds[0]
 
 

@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from grounding_dino import config as gd_config
-from grounding_dino.status import read_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -283,6 +282,48 @@ def _tiny_run_spec(tiny_train_spec: dict, tmp_path: Path) -> tuple[dict, Path]:
     return spec, _truncate_one_image(spec, tmp_path)
 
 
+def test_an_unreadable_image_names_its_key_and_the_fix(tmp_path, tiny_train_spec):
+    from grounding_dino.data import DataError, build_dataset
+
+    spec, broken = _tiny_run_spec(tiny_train_spec, tmp_path)
+    dataset = build_dataset(gd_config.load_experiment(spec), "train")
+    index = next(i for i, r in enumerate(dataset.records) if r["file"] == str(broken))
+    with pytest.raises(DataError) as error:
+        dataset[index]
+    assert str(error.value).startswith(f"{TRAIN0}.image_dir: cannot read image {broken}")
+    assert "set dataset.skip_bad_images=true" in str(error.value)
+
+
+def test_a_data_error_from_a_loader_worker_keeps_its_message_alone(tmp_path, tiny_train_spec):
+    from torch.utils.data import DataLoader
+
+    from grounding_dino.data import DataError, build_dataset
+
+    spec, broken = _tiny_run_spec(tiny_train_spec, tmp_path)
+    dataset = build_dataset(gd_config.load_experiment(spec), "train")
+    with pytest.raises(DataError) as error:
+        list(DataLoader(dataset, batch_size=None, num_workers=1))
+    assert str(error.value).startswith(f"{TRAIN0}.image_dir: cannot read image {broken}")
+    assert "Traceback" not in str(error.value) and "worker" not in str(error.value)
+
+
+def test_skip_bad_images_drops_them_with_one_counted_warning(tmp_path, tiny_train_spec):
+    from grounding_dino.data import DataWarning, build_dataset
+
+    spec, broken = _tiny_run_spec(tiny_train_spec, tmp_path)
+    spec["dataset"]["skip_bad_images"] = True
+    total = len(list(broken.parent.iterdir()))
+    with pytest.warns(DataWarning) as caught:
+        dataset = build_dataset(gd_config.load_experiment(spec), "train")
+    skipped = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(skipped) == 1, skipped
+    assert skipped[0].startswith(f"dataset.skip_bad_images: skipped 1 unreadable image of {total} (first: {broken}: ")
+    assert len(dataset) == total - 1 and str(broken) not in [r["file"] for r in dataset.records]
+    for i in range(len(dataset)):
+        dataset[i]
+
+
+@pytest.mark.slow  # builds and starts training a tiny model (about 30 s on 2 cores)
 def test_unreadable_image_mid_run_exits_2_with_the_message_alone(tmp_path, tiny_train_spec):
     spec, broken = _tiny_run_spec(tiny_train_spec, tmp_path)
     spec_path = tmp_path / "spec.yaml"
@@ -297,18 +338,7 @@ def test_unreadable_image_mid_run_exits_2_with_the_message_alone(tmp_path, tiny_
     assert written and all(k.startswith("results") for k in written), written
 
 
-def test_skip_bad_images_trains_past_them_with_one_counted_warning(tmp_path, tiny_train_spec):
-    spec, broken = _tiny_run_spec(tiny_train_spec, tmp_path)
-    spec["dataset"]["skip_bad_images"] = True
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    result = run_cli(["train", "-e", str(spec_path)], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "skipped 1 unreadable image" in line]
-    assert len(warnings) == 1 and str(broken) in warnings[0], result.stderr[-3000:]
-    assert read_status(tmp_path / "results" / "train" / "status.json")[-1]["status"] == "SUCCESS"
-
-
+@pytest.mark.slow  # the same through a job (about 25 s)
 def test_a_job_with_a_data_error_ends_as_error_with_the_message(tmp_path, tiny_train_spec):
     from sdk import SkillBank
 
