@@ -348,5 +348,7 @@ def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentCo
     path = Path(path_or_model)
     if path.is_file():
         return _backend_class(backend_for(path)).load(str(path), cfg, section)
+    if path.suffix.lower() in _EXTENSIONS and _EXTENSIONS[path.suffix.lower()] != "torch":
+        raise FileNotFoundError(f"{section}: model file {path} does not exist")
     check_source(str(path_or_model), checkpoint_key(section))
     return TorchPredictor.load(str(path_or_model), cfg, section)

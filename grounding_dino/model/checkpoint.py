@@ -263,8 +263,27 @@ def load_file(path: Union[str, Path], key: str, *, mmap: bool = False) -> Any:
         return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{key}: refused: {path}: {REFUSED}") from None
+    except pickle.UnpicklingError as err:
+        # torch names the class it will not build ("Unsupported global: GLOBAL argparse.Namespace"); other
+        # unpickling failures are damaged files.
+        reason = _unpickler_reason(err)
+        if "global" in reason.lower():
+            raise ValueError(f"{key}: refused: {path}: {REFUSED}") from None
+        raise ValueError(f"{key}: {path} is not a readable checkpoint (a truncated copy or another kind of file: "
+                         f"{reason})") from None
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):  # the legacy (pre-zip) torch.save format cannot be memory-mapped
+            return load_file(path, key)
+        raise ValueError(f"{key}: {path} is not a readable checkpoint ({str(err).strip().splitlines()[0]})") from None
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line[len("WeightsUnpickler error:"):].strip()
+    # torch's opening line is advice to load unsafely, which is not the reason
+    return "unreadable pickle" if not lines or lines[0].startswith("Weights only load failed") else lines[0]
 
 
 def read_hf_weights(folder: Union[str, Path], key: str) -> StateDict:
