@@ -11,11 +11,10 @@ import torch
 import yaml
 from onnx import TensorProto, helper
 
-from grounding_dino.config import TensorRTConfig, load_experiment
-from grounding_dino.deploy import TensorRTUnavailable
 from grounding_dino.actions import run_action
+from grounding_dino.config import TensorRTConfig, load_experiment
 from grounding_dino.deploy.builder import engine_profile, has_qdq, onnx_inputs
-from grounding_dino.status import read_status
+from grounding_dino.errors import UserError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 needs_no_trt = pytest.mark.skipif(HAS_TRT, reason="TensorRT and a GPU are available here")
@@ -46,17 +45,16 @@ def _spec(tmp_path, **gen):
 
 @needs_no_trt
 def test_gen_trt_engine_fails_fast_in_one_line(tmp_path):
-    with pytest.raises(TensorRTUnavailable) as info:
+    with pytest.raises(UserError) as info:
         run_action("gen_trt_engine", load_experiment(_spec(tmp_path)))
     message = str(info.value)
     assert "\n" not in message and ("TensorRT is not installed" in message or "GPU" in message)
-    last = read_status(tmp_path / "gen_trt_engine" / "status.json")[-1]
-    assert last["status"] == "FAILURE" and not (tmp_path / "gen_trt_engine" / "model.engine").exists()
+    assert not (tmp_path / "gen_trt_engine").exists()  # refused before the results folder exists
 
 
 def test_int8_is_refused_with_the_reason(tmp_path):
     spec = _spec(tmp_path, tensorrt={"data_type": "INT8"})
-    with pytest.raises(ValueError, match="INT8 quantize the model .*QDQ ONNX"):
+    with pytest.raises(UserError, match="INT8 quantize the model .*QDQ ONNX"):
         run_action("gen_trt_engine", load_experiment(spec))
 
 
@@ -71,9 +69,9 @@ def test_engine_evaluate_and_inference_fail_fast_in_one_line(tmp_path, tiny_data
     if action == "inference":
         spec["dataset"]["infer_data_sources"] = {"image_dir": [str(tiny_data["root"] / "images")],
                                                  "captions": ["cat"]}
-    with pytest.raises(TensorRTUnavailable) as info:
+    with pytest.raises(UserError) as info:
         run_action(action, load_experiment(spec))
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and f"{action}.trt_engine" in str(info.value)
 
 
 def test_dynamic_profile_spans_the_batch_range_only(tmp_path):

@@ -10,9 +10,14 @@ import onnxruntime
 import pytest
 import torch
 
-from grounding_dino.config import load_experiment
 from grounding_dino.actions import run_action
-from grounding_dino.actions.export import ExportVerificationError, export_model, sample_inputs
+from grounding_dino.actions.export import (
+    ExportVerificationError,
+    export_model,
+    sample_inputs,
+)
+from grounding_dino.config import load_experiment
+from grounding_dino.errors import UserError
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import native_checkpoint
 from grounding_dino.model.text import sub_sentence_masks, write_small_text_encoder
@@ -136,14 +141,14 @@ def test_checkpoint_with_other_model_settings_is_refused(tiny, tmp_path):
     spec = copy.deepcopy(tiny["spec"])
     spec["results_dir"] = str(tmp_path)
     spec["model"]["num_queries"] = 200
-    with pytest.raises(ValueError, match=r"model.num_queries: checkpoint 100, spec 200"):
+    with pytest.raises(UserError, match=r"model.num_queries: checkpoint 100, spec 200"):
         run_action("export", load_experiment(spec))
-    assert not (tmp_path / "export" / "model.onnx").exists()
+    assert not (tmp_path / "export").exists()
 
 
 def test_missing_checkpoint_is_named(tiny, tmp_path):
     spec = copy.deepcopy(tiny["spec"])
     spec["results_dir"] = str(tmp_path)
     spec["export"]["checkpoint"] = str(tmp_path / "nope.pth")
-    with pytest.raises(FileNotFoundError, match="export.checkpoint: .*nope.pth does not exist"):
+    with pytest.raises(UserError, match="export.checkpoint: .*nope.pth does not exist"):
         run_action("export", load_experiment(spec))

@@ -143,7 +143,13 @@ def quantize(cfg: ExperimentConfig) -> None:
 
 
 def gen_trt_engine(cfg: ExperimentConfig) -> None:
+    from grounding_dino.deploy.builder import check_data_type
+
     options = cfg.gen_trt_engine
+    try:
+        check_data_type(options.tensorrt)  # a precision no engine can have is refused wherever TensorRT is
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if options.onnx_file:
         _tensorrt("gen_trt_engine.onnx_file", options.onnx_file, options.gpu_id, "building an engine from",
                   "use the .onnx model directly (evaluate.checkpoint or inference.checkpoint take it)")
