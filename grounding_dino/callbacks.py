@@ -1,6 +1,8 @@
 """Lightning callbacks of a training run: TAO-named atomic checkpoints, status.json lines, RNG state for resume."""
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
 import time
@@ -15,8 +17,65 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from grounding_dino.layout import CHECKPOINT_STEM, LATEST_LINK, STATUS_FILE, replace_atomically
+from grounding_dino.errors import UserError
+from grounding_dino.layout import (CHECKPOINT_STEM, LATEST_LINK, STATUS_FILE, parse_checkpoint_name,
+                                   replace_atomically, stale_temp_files)
 from grounding_dino.status import StatusWriter
+
+# Write errors that mean the disk (or the process's file-size limit, RLIMIT_FSIZE) has no room for the file.
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class CheckpointNotSaved(UserError):
+    """A checkpoint that was refused or could not be written; the previous one and the latest link are intact."""
+
+
+def _tensors(node: Any, prefix: str):
+    """(dotted name, tensor) of every tensor in a nested checkpoint structure."""
+    if isinstance(node, torch.Tensor):
+        yield prefix, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _tensors(value, f"{prefix}[{i}]")
+
+
+def nonfinite_tensors(checkpoint: dict) -> tuple[list[str], int]:
+    """(names of the floating-point tensors holding NaN or Inf, count of floating-point tensors checked) among the
+    weights and the optimizer state of a Lightning checkpoint."""
+    bad, total = [], 0
+    for part in ("state_dict", "optimizer_states"):
+        for name, tensor in _tensors(checkpoint.get(part), part):
+            if tensor.is_floating_point() or tensor.is_complex():
+                total += 1
+                if not bool(torch.isfinite(tensor).all()):
+                    bad.append(name)
+    return bad, total
+
+
+def _checkpoint_bytes(checkpoint: dict) -> int:
+    return sum(t.numel() * t.element_size() for _, t in _tensors(checkpoint, ""))
+
+
+def _is_no_space(error: BaseException) -> bool:
+    """True when `error` or an error it was raised from is a full disk. torch.save reports a failed write as a
+    RuntimeError from its zip writer; the OSError is its context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _refusal(path, bad: list[str], total: int) -> str:
+    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return (f"not saving checkpoint {os.path.basename(path)}: {len(bad)} of {total} tensors hold NaN or Inf ({shown}); "
+            "the weights diverged. The previous checkpoint and gdino_model_latest.pth are kept. Fix: lower "
+            "train.optim.lr, keep train.clip_grad_norm > 0, and check the training boxes")
 
 def _symlink_atomically(target: str | os.PathLike, link: str | os.PathLike) -> None:
     """Point `link` at `target` (relative link) by renaming a fresh link over the old one: readers always find
@@ -33,24 +92,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
 
+        bad, total = nonfinite_tensors(checkpoint)
+        if bad:
+            raise CheckpointNotSaved(_refusal(path, bad, total))
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
 
-        replace_atomically(path, write)
+        try:
+            replace_atomically(path, write)
+        except Exception as err:
+            if not _is_no_space(err):
+                raise
+            folder = os.path.dirname(os.path.abspath(path))
+            megabytes = math.ceil(_checkpoint_bytes(checkpoint) / 1e6)
+            raise CheckpointNotSaved(
+                f"no space left in {folder} (checkpoint needs about {megabytes} MB); the previous checkpoint and "
+                "gdino_model_latest.pth are kept. Fix: free space there, point results_dir at a larger disk, or "
+                "set train.checkpoint_keep_last to keep fewer checkpoints"
+            ) from None
 
 
 class GDinoCheckpoint(ModelCheckpoint):
-    """Keeps every checkpoint as `model_epoch_XXX_step_YYYYY.pth`, points `gdino_model_latest.pth` at the newest,
-    and also saves (and links) one when training dies with an exception."""
+    """Keeps checkpoints as `model_epoch_XXX_step_YYYYY.pth`, points `gdino_model_latest.pth` at the newest, and
+    also saves (and links) one when training dies with an exception.
+
+    keep_last > 0 deletes older checkpoints beyond the newest `keep_last`, never the one the latest link points at
+    nor the one with the best `BEST_METRIC` among those saved right after a validation.
+    """
 
     FILE_EXTENSION = ".pth"
     CHECKPOINT_NAME_LAST = "gdino_model_latest"
+    BEST_METRIC = "val_mAP"
 
     def __init__(self, dirpath: str | os.PathLike, *, every_n_epochs: Optional[int] = None,
-                 every_n_train_steps: Optional[int] = None):
+                 every_n_train_steps: Optional[int] = None, keep_last: int = 0):
         super().__init__(
             dirpath=dirpath,
             filename=CHECKPOINT_STEM,
@@ -63,6 +142,56 @@ class GDinoCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
+        self.keep_last = keep_last
+        self.scores: dict[str, float] = {}  # checkpoint file name -> BEST_METRIC of the validation just before it
+        self._validated = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and stage == "fit":
+            # Left by a save that was killed mid-write; never a complete file, so nothing is lost.
+            for stale in stale_temp_files(self.dirpath):
+                os.remove(stale)
+                rank_zero_warn(f"removed {stale}, an unfinished checkpoint write of an earlier run")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._validated = True
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        value = trainer.callback_metrics.get(self.BEST_METRIC)
+        if self._validated and value is not None and math.isfinite(float(value)):
+            self.scores[os.path.basename(filepath)] = float(value)
+        self._validated = False
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.keep_last and trainer.is_global_zero:
+            self._prune()
+
+    def _prune(self) -> None:
+        folder = Path(self.dirpath)
+        saved = sorted((parse_checkpoint_name(p.name), p) for p in folder.iterdir() if parse_checkpoint_name(p.name))
+        keep = {p.name for _, p in saved[-self.keep_last:]}
+        latest = folder / LATEST_LINK
+        if latest.is_symlink():
+            keep.add(os.path.basename(os.readlink(latest)))
+        scored = {name: value for name, value in self.scores.items() if (folder / name).exists()}
+        if scored:
+            keep.add(max(scored, key=lambda name: (scored[name], parse_checkpoint_name(name))))
+        for _, path in saved:
+            if path.name not in keep:
+                path.unlink()
+                self.scores.pop(path.name, None)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "scores": dict(self.scores)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.scores = dict(state_dict.pop("scores", {}))
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
@@ -71,24 +200,31 @@ class GDinoCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, CheckpointNotSaved):
+            return  # the save that failed would fail again
         if trainer.global_step == 0 or trainer.global_step == self._last_global_step_saved:
             return  # nothing trained since the last checkpoint
         path = os.path.join(
             self.dirpath, CHECKPOINT_STEM.format(epoch=trainer.current_epoch, step=trainer.global_step)
         ) + self.FILE_EXTENSION
-        if trainer.world_size > 1:
-            # Other ranks may be dead or stuck, so skip Trainer.save_checkpoint's barriers; a sharded (FSDP) state
-            # would need them to gather, so it is not saved.
-            if type(trainer.strategy).__name__ == "FSDPStrategy":
-                rank_zero_warn("training failed under FSDP: no checkpoint is saved on exception")
+        try:
+            if trainer.world_size > 1:
+                # Other ranks may be dead or stuck, so skip Trainer.save_checkpoint's barriers; a sharded (FSDP)
+                # state would need them to gather, so it is not saved.
+                if type(trainer.strategy).__name__ == "FSDPStrategy":
+                    rank_zero_warn("training failed under FSDP: no checkpoint is saved on exception")
+                    return
+                if trainer.is_global_zero:
+                    trainer.strategy.checkpoint_io.save_checkpoint(
+                        trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path
+                    )
+                    _symlink_atomically(path, os.path.join(self.dirpath, LATEST_LINK))
                 return
-            if trainer.is_global_zero:
-                trainer.strategy.checkpoint_io.save_checkpoint(
-                    trainer._checkpoint_connector.dump_checkpoint(weights_only=False), path
-                )
-                _symlink_atomically(path, os.path.join(self.dirpath, LATEST_LINK))
+            trainer.save_checkpoint(path, weights_only=False)
+        except CheckpointNotSaved as refused:
+            # Raising here would hide the error that stopped training.
+            rank_zero_warn(str(refused))
             return
-        trainer.save_checkpoint(path, weights_only=False)
         self._link_checkpoint(trainer, path, os.path.join(self.dirpath, LATEST_LINK))
 
 
@@ -208,6 +344,8 @@ class StatusLogger(Callback):
         kpi = {key: metrics[key] for key in keys if key in metrics}
         if trainer.optimizers:
             kpi["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        skipped = getattr(pl_module, "skipped_steps", 0)
+        extra = {"skipped_nonfinite_steps": skipped} if skipped else {}
         self.writer.write(
             "RUNNING",
             f"Epoch {trainer.current_epoch} finished.",
@@ -219,11 +357,14 @@ class StatusLogger(Callback):
             time_per_step=str(timedelta(seconds=elapsed / steps)),
             eta=str(timedelta(seconds=mean_epoch * max(remaining, 0))),
             kpi=kpi,
+            **extra,
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        skipped = getattr(pl_module, "skipped_total", 0)
+        extra = {"skipped_nonfinite_steps": skipped} if skipped else {}
         self.writer.write("SUCCESS", "Training finished successfully.", epoch=trainer.current_epoch,
-                          step=trainer.global_step)
+                          step=trainer.global_step, **extra)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self.writer is None:  # failed before setup

@@ -37,6 +37,8 @@ CHECKPOINT_RE = re.compile(r"^model_epoch_(\d+)_step_(\d+)\.pth$")
 LATEST_LINK = "gdino_model_latest.pth"
 BEST_MODEL_DIR = "best_model"
 BEST_AUTOML = "best_automl.json"
+# replace_atomically's temporary files: "." + final name + "." + tempfile's 8 random characters + ".tmp"
+TEMP_RE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def results_dir_for(action: str, spec: Any) -> Path:
@@ -68,6 +70,14 @@ def parse_checkpoint_name(name: str) -> Optional[Tuple[int, int]]:
 def checkpoints_at_step(folder: Path, step: int) -> list[Path]:
     """The checkpoints in `folder` saved at global step `step`, by name."""
     return sorted(p for p in folder.iterdir() if (parse_checkpoint_name(p.name) or (None, None))[1] == step)
+
+
+def stale_temp_files(folder: PathLike) -> list[Path]:
+    """The temporary files replace_atomically left in `folder` when a write was killed before its rename."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if TEMP_RE.match(p.name) and (p.is_symlink() or p.is_file()))
 
 
 def read_job_spec(job_dir: PathLike) -> dict:

@@ -7,21 +7,42 @@ own tokenizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Sequence
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from grounding_dino.config import ExperimentConfig, ModelConfig, OptimConfig
+from grounding_dino.errors import UserError
 from grounding_dino.evaluation import CocoEvaluator
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import config_conflicts
 from grounding_dino.model.criterion import SetCriterion, weighted_total
 from grounding_dino.model.postprocess import post_process
+from grounding_dino.model.text import WEIGHT_FILES, build_bert, is_grounding_dino_folder, resolve_text_encoder
 
 # Marks our checkpoints the way TAO marks its own.
 TAO_MODEL = "grounding_dino"
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A training loss that is NaN or infinite (train.skip_nonfinite_steps false)."""
+
+
+def nonfinite_loss_message(step: int, epoch: int, losses: Dict[str, float], image_ids: Sequence[int],
+                           lr: float) -> str:
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    good = {k: v for k, v in losses.items() if math.isfinite(v)}
+    terms = ", ".join(f"{k}={v}" for k, v in bad.items()) or "none (the weighted sum overflowed)"
+    finite = ", ".join(f"{k}={v:.4g}" for k, v in good.items())
+    return (f"training loss is not finite at step {step} (epoch {epoch}): non-finite terms {terms}"
+            + (f"; finite terms {finite}" if finite else "") + f"; images in the batch: ids {list(image_ids)}. "
+            f"Fix: lower train.optim.lr (now {lr:g}), keep train.clip_grad_norm > 0, check those images' boxes "
+            "(width and height above 0, inside the image), or set train.skip_nonfinite_steps true to skip such steps")
 
 
 def freeze(model: nn.Module, prefixes: Sequence[str]) -> List[str]:
@@ -91,6 +112,12 @@ class GroundingDINOModule(LightningModule):
         self.model.backbone[0].use_channels_last()
         self.criterion = SetCriterion.from_config(cfg.model)
         self.evaluator: CocoEvaluator | None = None
+        # train.skip_nonfinite_steps bookkeeping: this epoch's and the run's skipped steps, the first one's message
+        self._skip_step = False
+        self.skipped_steps = 0
+        self.skipped_total = 0
+        self.first_skip: Optional[str] = None
+        self._text_keys_from_source: Optional[Set[str]] = None
 
     # ------------------------------------------------------------------------------------------------ batches
     def _text_and_maps(self, targets: List[dict]):
@@ -117,18 +144,48 @@ class GroundingDINOModule(LightningModule):
         text, _ = self._text_and_maps(targets)
         outputs = self.model(images, pixel_mask, text)
         loss, losses = self._losses(outputs, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (terms: "
-                f"{ {k: round(v.item(), 4) for k, v in losses.items()} }); lower train.optim.lr, keep "
-                "train.clip_grad_norm > 0, or use model.log_scale 'auto' with model.class_embed_bias true"
-            )
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            # every rank must take the same decision, or the skipping ranks wait forever for the others' gradients
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        self._skip_step = not finite
+        if not finite:
+            weights = self.criterion.weight_dict
+            terms = {k: float(v.detach()) * weights[k] for k, v in losses.items()}
+            message = nonfinite_loss_message(self.global_step, self.current_epoch, terms,
+                                             [int(t["image_id"]) for t in targets], self.cfg.train.optim.lr)
+            if not self.cfg.train.skip_nonfinite_steps:
+                raise NonFiniteLoss(message)
+            self.skipped_steps += 1
+            self.skipped_total += 1
+            if self.first_skip is None:
+                self.first_skip = message
+            # backward still runs (under DDP every rank must join the gradient all-reduce); the gradients are
+            # dropped in on_before_optimizer_step
+            return loss
         size = len(targets)
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=size)
         if self.cfg.train.verbose:
             self._log_terms("train", losses, size)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.skipped_steps = 0
+        self.first_skip = None
+
+    def on_train_epoch_end(self) -> None:
+        if self.skipped_steps:
+            rank_zero_warn(f"train.skip_nonfinite_steps: skipped {self.skipped_steps} step(s) with a non-finite loss "
+                           f"in epoch {self.current_epoch}; the first: {self.first_skip}")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._skip_step:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's GradScaler skips a step with non-finite gradients itself, and needs them to see it
+        # AdamW leaves a parameter without a gradient untouched: no update, no weight decay, no moment change
+        optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -176,6 +233,47 @@ class GroundingDINOModule(LightningModule):
         checkpoint["tao_model"] = TAO_MODEL
         checkpoint["model_config"] = dataclasses.asdict(self.cfg.model)
         checkpoint["backbone_pretrained"] = self.backbone_pretrained
+        # A frozen text encoder still holding the weights of model.text_encoder_type is left out of every
+        # checkpoint (bert-base alone is 440 MB); the file names the encoder instead, as a packed model does, and
+        # every loader (resume, evaluate, export) takes those weights from it.
+        dropped = self.text_keys_from_source()
+        if dropped:
+            for key in dropped:
+                checkpoint["state_dict"].pop(key, None)
+            checkpoint["text_encoder"] = self.cfg.model.text_encoder_type
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        declared = checkpoint.get("text_encoder")
+        if declared is None:
+            return
+        if declared != self.cfg.model.text_encoder_type:
+            raise ValueError(f"train.resume_training_checkpoint_path takes its text-encoder weights from {declared!r}"
+                             f" but model.text_encoder_type is {self.cfg.model.text_encoder_type!r}; set "
+                             f"model.text_encoder_type: {declared}")
+        # the model was built from that encoder, so its own tensors are the ones the file left out
+        own = self.state_dict()
+        state = checkpoint["state_dict"]
+        for key, value in own.items():
+            if key.startswith("model.bert.") and key not in state:
+                state[key] = value
+
+    def text_keys_from_source(self) -> Set[str]:
+        """The state-dict keys of frozen text-encoder parameters equal to those model.text_encoder_type loads (none
+        when the encoder starts from random init, which no loader could rebuild). Frozen tensors never change, so
+        this is computed once."""
+        if self._text_keys_from_source is None:
+            frozen = {name for name, p in self.model.bert.named_parameters() if not p.requires_grad}
+            keys: Set[str] = set()
+            # FSDP flattens the parameters, so their names no longer match the source's
+            if frozen and type(self.trainer.strategy).__name__ != "FSDPStrategy":
+                folder = resolve_text_encoder(self.cfg.model.text_encoder_type)
+                if is_grounding_dino_folder(folder) or any((Path(folder) / n).is_file() for n in WEIGHT_FILES):
+                    source = build_bert(folder).state_dict()
+                    own = self.model.bert.state_dict()
+                    keys = {f"model.bert.{name}" for name in frozen
+                            if name in source and torch.equal(source[name], own[name].detach().cpu())}
+            self._text_keys_from_source = keys
+        return self._text_keys_from_source
 
 
 def check_resumable(checkpoint: dict, cfg: ModelConfig) -> None:

@@ -98,7 +98,7 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
         logger=_loggers(results_dir, cfg.wandb),
         plugins=[AtomicCheckpointIO()],
         callbacks=[
-            GDinoCheckpoint(results_dir, **{unit: train.checkpoint_interval}),
+            GDinoCheckpoint(results_dir, keep_last=train.checkpoint_keep_last, **{unit: train.checkpoint_interval}),
             RngState(),
             ReproducibleEpochs(train.seed),
             StatusLogger(results_dir, train.num_epochs),
