@@ -8,6 +8,7 @@ It imports no torch: the SDK reads it to validate requests before anything heavy
 
 Each leaf is declared with `param(...)`, which stores its metadata in `dataclasses.field(metadata=...)`:
   description, minimum/maximum (validation bounds), options (allowed values), popular,
+  min_items/max_items and item_minimum/item_maximum/item_exclusive_minimum (a list's length and its items' bounds),
   `automl=AutoML(...)` (search-space metadata, emitted as the schema extension key `x-automl`), and
   `structural=True` (emitted as `x-structural`): the setting shapes the weights or how they are read, so a checkpoint
   only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
@@ -18,6 +19,8 @@ Each leaf is declared with `param(...)`, which stores its metadata in `dataclass
   spec files load as they are, but does not use; `no_effect_settings()` lists the ones a spec sets to another value
   than the default, and the launcher warns once per key;
   `blank_is_default=True`: null or "" means the default (TAO's model_name).
+Every integer key has a maximum and every list a max_items, so a typo such as num_queries=1e10 is refused before a
+model is sized by it; float keys never take NaN or infinity (JSON Schema cannot say so: sdk/spec.py checks it).
 Enum values are matched in any letter case and `normalize_spec()` rewrites them to the declared spelling (TAO's
 tutorial writes `data_type: fp32`, its code compares `precision.lower()`); a null list or mapping that is not Optional
 means its default (TAO writes unset data sources as null).
@@ -89,6 +92,11 @@ def param(
     minimum: Optional[float] = None,
     maximum: Optional[float] = None,
     exclusive_minimum: Optional[float] = None,
+    min_items: Optional[int] = None,
+    max_items: Optional[int] = None,
+    item_minimum: Optional[float] = None,
+    item_maximum: Optional[float] = None,
+    item_exclusive_minimum: Optional[float] = None,
     options: Optional[tuple] = None,
     popular: bool = False,
     automl: Optional[AutoML] = None,
@@ -104,6 +112,11 @@ def param(
         "minimum": minimum,
         "maximum": maximum,
         "exclusive_minimum": exclusive_minimum,
+        "min_items": min_items,
+        "max_items": max_items,
+        "item_minimum": item_minimum,
+        "item_maximum": item_maximum,
+        "item_exclusive_minimum": item_exclusive_minimum,
         "options": tuple(options) if options is not None else None,
         "popular": popular,
         "automl": automl,
@@ -153,37 +166,42 @@ class EvalDataSource:
 
 @dataclass
 class InferDataSource:
-    image_dir: List[str] = param([], "One or several folders of images to run inference on.")
-    captions: List[str] = param([], "Phrases to detect, e.g. [\"person\", \"red car\"]; label order = list order.")
+    image_dir: List[str] = param([], "One or several folders of images to run inference on.", max_items=1000)
+    captions: List[str] = param([], "Phrases to detect, e.g. [\"person\", \"red car\"]; label order = list order.",
+                                max_items=10000)
 
 
 @dataclass
 class AugmentationConfig:
     scales: List[int] = param(
-        [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], "Shorter-side sizes for multi-scale training."
+        [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800], "Shorter-side sizes for multi-scale training.",
+        min_items=1, max_items=64, item_minimum=1, item_maximum=8192,
     )
-    input_mean: List[float] = param([0.485, 0.456, 0.406], "Per-channel mean used to normalise RGB input.")
-    input_std: List[float] = param([0.229, 0.224, 0.225], "Per-channel std used to normalise RGB input.")
+    input_mean: List[float] = param([0.485, 0.456, 0.406], "Per-channel mean used to normalise RGB input (0..1 "
+                                    "pixel scale).", min_items=3, max_items=3, item_minimum=0.0, item_maximum=1.0)
+    input_std: List[float] = param([0.229, 0.224, 0.225], "Per-channel std used to normalise RGB input (0..1 pixel "
+                                   "scale).", min_items=3, max_items=3, item_exclusive_minimum=0.0, item_maximum=1.0)
     horizontal_flip_prob: float = param(
         0.5, "Probability of a horizontal flip (boxes mirrored).", minimum=0.0, maximum=1.0,
         automl=AutoML(valid_min=0.0, valid_max=1.0),
     )
-    train_random_resize: List[int] = param([400, 500, 600], "Shorter-side sizes before the random crop branch.")
+    train_random_resize: List[int] = param([400, 500, 600], "Shorter-side sizes before the random crop branch.",
+                                           min_items=1, max_items=64, item_minimum=1, item_maximum=8192)
     train_random_crop_min: int = param(
-        384, "Minimum side of the random crop.", minimum=1,
+        384, "Minimum side of the random crop.", minimum=1, maximum=8192,
         automl=AutoML(valid_min=192, valid_max=384, math_cond="/ 32"),
     )
     train_random_crop_max: int = param(
-        600, "Maximum side of the random crop.", minimum=1,
+        600, "Maximum side of the random crop.", minimum=1, maximum=8192,
         automl=AutoML(valid_min=384, valid_max=800, math_cond="> dataset.augmentation.train_random_crop_min",
                       depends_on="dataset.augmentation.train_random_crop_min"),
     )
-    random_resize_max_size: int = param(1333, "Longest side after resizing.", minimum=32)
-    test_random_resize: int = param(800, "Shorter side at validation/test time.", minimum=32)
+    random_resize_max_size: int = param(1333, "Longest side after resizing.", minimum=32, maximum=8192)
+    test_random_resize: int = param(800, "Shorter side at validation/test time.", minimum=32, maximum=8192)
     fixed_padding: bool = param(True, "Pad every batch to the maximum size (random_resize_max_size square).")
     fixed_random_crop: Optional[int] = param(
         None, "If set, large-scale jitter: scale 0.1..2.0 then crop/pad to N x N. Null keeps multi-scale training.",
-        minimum=32,
+        minimum=32, maximum=8192,
     )
 
 
@@ -191,7 +209,7 @@ class AugmentationConfig:
 class DatasetConfig:
     train_data_sources: List[TrainDataSource] = param(
         [], "Training sources (concatenated). Each: image_dir, json_file (ODVG JSONL or COCO), label_map.",
-        popular=True,
+        popular=True, max_items=100,
     )
     val_data_sources: EvalDataSource = section(EvalDataSource, "Validation set (COCO). Required for training.")
     test_data_sources: EvalDataSource = section(EvalDataSource, "Test set (COCO) for evaluate.")
@@ -199,8 +217,9 @@ class DatasetConfig:
     quant_calibration_data_sources: EvalDataSource = section(
         EvalDataSource, "Calibration images and COCO captions for static quantization."
     )
-    batch_size: int = param(4, "Images per batch per device.", minimum=1, popular=True)
-    workers: int = param(8, "Data-loader worker processes per device (0 loads in the main process).", minimum=0)
+    batch_size: int = param(4, "Images per batch per device.", minimum=1, maximum=1024, popular=True)
+    workers: int = param(8, "Data-loader worker processes per device (0 loads in the main process).", minimum=0,
+                         maximum=256)
     pin_memory: bool = param(True, "Pin host memory for faster GPU transfer.")
     dataset_type: str = param(
         "serialized", "serialized: annotations held in one shared buffer (less memory with many workers).",
@@ -208,10 +227,11 @@ class DatasetConfig:
     )
     max_labels: int = param(
         50, "Most category names per training caption (positives are never dropped; negatives fill up to this).",
-        minimum=1,
+        minimum=1, maximum=5000,
     )
     eval_class_ids: Optional[List[int]] = param(
-        None, "Category ids included in COCO mAP; null = all (TAO's schema default [1] scores only one class)."
+        None, "Category ids included in COCO mAP; null = all (TAO's schema default [1] scores only one class).",
+        max_items=100000, item_minimum=0,
     )
     skip_bad_images: bool = param(
         False, "Skip images that cannot be decoded (missing, truncated or corrupt files) with one warning that counts "
@@ -229,12 +249,12 @@ class DatasetConfig:
 class ModelConfig:
     pretrained_backbone_path: Optional[str] = param(None, "Backbone-only weights (.pth); ignored when resuming.")
     backbone: str = param("swin_tiny_224_1k", "Image backbone.", options=BACKBONES, popular=True, structural=True)
-    num_queries: int = param(900, "Object queries (must exceed the most boxes in one image).", minimum=1, popular=True,
-                             structural=True)
+    num_queries: int = param(900, "Object queries (must exceed the most boxes in one image).", minimum=1, maximum=5000,
+                             popular=True, structural=True)
     num_feature_levels: int = param(4, "Multi-scale feature levels.", minimum=1, maximum=5, structural=True)
     return_interm_indices: List[int] = param(
         [1, 2, 3, 4], "Backbone stages used as feature levels (4 = extra stride-2 level synthesised).",
-        structural=True,
+        min_items=1, max_items=5, item_minimum=0, item_maximum=4, structural=True,
     )
     train_backbone: bool = param(True, "Train the backbone (otherwise its weights are frozen).")
     backbone_norm: str = param(
@@ -251,8 +271,8 @@ class ModelConfig:
     )
     max_text_len: int = param(256, "Text tokens per caption (logits and positive maps have this width).", minimum=8,
                               maximum=512, structural=True)
-    hidden_dim: int = param(256, "Transformer width.", minimum=8, structural=True)
-    nheads: int = param(8, "Attention heads.", minimum=1, structural=True)
+    hidden_dim: int = param(256, "Transformer width.", minimum=8, maximum=4096, structural=True)
+    nheads: int = param(8, "Attention heads.", minimum=1, maximum=64, structural=True)
     enc_layers: int = param(
         6, "Feature-enhancer layers.", minimum=1, maximum=12, structural=True,
         automl=AutoML(enabled=False, valid_min=1, valid_max=6),
@@ -261,10 +281,10 @@ class ModelConfig:
         6, "Decoder layers.", minimum=1, maximum=12, structural=True,
         automl=AutoML(enabled=False, valid_min=1, valid_max=6),
     )
-    dim_feedforward: int = param(2048, "FFN width in encoder and decoder.", minimum=8, structural=True)
-    enc_n_points: int = param(4, "Deformable sampling points per level in the encoder.", minimum=1,
+    dim_feedforward: int = param(2048, "FFN width in encoder and decoder.", minimum=8, maximum=32768, structural=True)
+    enc_n_points: int = param(4, "Deformable sampling points per level in the encoder.", minimum=1, maximum=32,
                               structural=True)
-    dec_n_points: int = param(4, "Deformable sampling points per level in the decoder.", minimum=1,
+    dec_n_points: int = param(4, "Deformable sampling points per level in the decoder.", minimum=1, maximum=32,
                               structural=True)
     dropout_ratio: float = param(0.0, "Dropout in transformer layers.", minimum=0.0, maximum=1.0)
     fusion_droppath: float = param(0.1, "Drop-path rate of the image-text fusion layers.", minimum=0.0, maximum=1.0)
@@ -272,8 +292,10 @@ class ModelConfig:
                                 options=("standard", "no"), structural=True)
     embed_init_tgt: bool = param(True, "Learned content queries (tgt_embed).", structural=True)
     # No weights, but the trained layers expect the encoding they were trained with.
-    pe_temperatureH: int = param(20, "Sine positional-encoding temperature (height).", minimum=1, structural=True)
-    pe_temperatureW: int = param(20, "Sine positional-encoding temperature (width).", minimum=1, structural=True)
+    pe_temperatureH: int = param(20, "Sine positional-encoding temperature (height).", minimum=1, maximum=100000,
+                                 structural=True)
+    pe_temperatureW: int = param(20, "Sine positional-encoding temperature (width).", minimum=1, maximum=100000,
+                                 structural=True)
     aux_loss: bool = param(True, "Losses on every decoder layer.")
     num_select: int = param(
         300, "Detections kept per image after top-k over queries x phrases.", minimum=1, maximum=1000,
@@ -282,7 +304,7 @@ class ModelConfig:
     interm_loss_coef: float = param(1.0, "Weight of the encoder-output (proposal) loss.", minimum=0.0)
     no_interm_box_loss: bool = param(False, "Drop the box terms of the encoder-output loss.")
     use_dn: bool = param(True, "Enable contrastive denoising queries when dn_number > 0.")
-    dn_number: int = param(0, "Denoising query groups (0 disables denoising, as in TAO).", minimum=0)
+    dn_number: int = param(0, "Denoising query groups (0 disables denoising, as in TAO).", minimum=0, maximum=1000)
     dn_box_noise_scale: float = param(1.0, "Box noise scale of denoising queries.", minimum=0.0)
     dn_label_noise_ratio: float = param(0.5, "Label noise ratio of denoising queries.", minimum=0.0, maximum=1.0)
     focal_alpha: float = param(0.25, "Focal-loss alpha.", minimum=0.0, maximum=1.0)
@@ -299,14 +321,17 @@ class ModelConfig:
     )
     class_embed_bias: bool = param(False, "Learnable bias in the contrastive head, initialised to -log(99).",
                                    structural=True)
-    loss_types: List[str] = param(["labels", "boxes"], "Loss terms.")
-    backbone_names: List[str] = param(["backbone.0", "bert"], "Parameter-name prefixes trained at lr_backbone.")
+    loss_types: List[str] = param(["labels", "boxes"], "Loss terms.", max_items=16)
+    backbone_names: List[str] = param(["backbone.0", "bert"], "Parameter-name prefixes trained at lr_backbone.",
+                                      max_items=1000)
     linear_proj_names: List[str] = param(
-        ["reference_points", "sampling_offsets"], "Parameter-name substrings trained at lr x lr_linear_proj_mult."
+        ["reference_points", "sampling_offsets"], "Parameter-name substrings trained at lr x lr_linear_proj_mult.",
+        max_items=1000,
     )
     dilation: bool = param(False, "Unused by Grounding DINO; kept so TAO specs load.", no_effect=True)
     decoder_sa_type: str = param("sa", "Decoder self-attention type; only 'sa' exists.", options=("sa",))
-    fix_refpoints_hw: int = param(-1, "Unused by Grounding DINO; kept so TAO specs load.", no_effect=True)
+    fix_refpoints_hw: int = param(-1, "Unused by Grounding DINO; kept so TAO specs load.", minimum=-2, maximum=8192,
+                                  no_effect=True)
     clip_max_norm: float = param(0.1, "Unused (see train.clip_grad_norm); kept so TAO specs load.", minimum=0.0,
                                  no_effect=True)
     pre_norm: bool = param(
@@ -324,11 +349,11 @@ class OptimConfig:
     optimizer: str = param("AdamW", "Optimizer.", options=("AdamW",))
     monitor_name: str = param("val_loss", "Metric monitored for checkpoints/schedulers.")
     lr: float = param(
-        2e-4, "Base learning rate.", exclusive_minimum=0.0, popular=True,
+        2e-4, "Base learning rate.", exclusive_minimum=0.0, maximum=1.0, popular=True,
         automl=AutoML(valid_min=1e-5, valid_max=1e-3, log=True),
     )
     lr_backbone: float = param(
-        2e-5, "Learning rate of parameters named by model.backbone_names.", minimum=0.0,
+        2e-5, "Learning rate of parameters named by model.backbone_names.", minimum=0.0, maximum=1.0,
         automl=AutoML(valid_min=1e-6, valid_max=1e-4, log=True),
     )
     lr_linear_proj_mult: float = param(
@@ -344,9 +369,10 @@ class OptimConfig:
         automl=AutoML(valid_min=1e-6, valid_max=1e-2, log=True),
     )
     lr_scheduler: str = param("MultiStep", "Learning-rate schedule.", options=("MultiStep", "StepLR"))
-    lr_steps: List[int] = param([10], "Epochs at which MultiStep decays the learning rate.")
+    lr_steps: List[int] = param([10], "Epochs at which MultiStep decays the learning rate.", max_items=1000,
+                                item_minimum=0, item_maximum=100000)
     lr_step_size: int = param(
-        10, "Epochs between decays for StepLR.", minimum=1,
+        10, "Epochs between decays for StepLR.", minimum=1, maximum=100000,
         automl=AutoML(valid_min=1, valid_max=20),
     )
     lr_decay: float = param(
@@ -363,19 +389,21 @@ class CudnnConfig:
 
 @dataclass
 class TrainConfig:
-    num_gpus: int = param(1, "GPUs per node (ignored on CPU, where num_gpus processes run with gloo).", minimum=1)
-    gpu_ids: List[int] = param([0], "GPU indices used on this node.")
-    num_nodes: int = param(1, "Nodes (MASTER_ADDR/MASTER_PORT/NODE_RANK from the launcher).", minimum=1)
-    seed: int = param(1234, "Random seed.", minimum=0)
+    num_gpus: int = param(1, "GPUs per node (ignored on CPU, where num_gpus processes run with gloo).", minimum=1,
+                          maximum=64)
+    gpu_ids: List[int] = param([0], "GPU indices used on this node.", max_items=64, item_minimum=0, item_maximum=1023)
+    num_nodes: int = param(1, "Nodes (MASTER_ADDR/MASTER_PORT/NODE_RANK from the launcher).", minimum=1, maximum=4096)
+    seed: int = param(1234, "Random seed.", minimum=0, maximum=2**32 - 1)  # numpy seeds are 32-bit
     cudnn: CudnnConfig = section(CudnnConfig, "cuDNN flags.")
-    num_epochs: int = param(10, "Training epochs.", minimum=1, popular=True)
-    checkpoint_interval: int = param(1, "Save a checkpoint every N units (checkpoint_interval_unit).", minimum=1)
+    num_epochs: int = param(10, "Training epochs.", minimum=1, maximum=100000, popular=True)
+    checkpoint_interval: int = param(1, "Save a checkpoint every N units (checkpoint_interval_unit).", minimum=1,
+                                     maximum=10**9)
     checkpoint_interval_unit: str = param("epoch", "Unit of checkpoint_interval.", options=("epoch", "step"))
     checkpoint_keep_last: int = param(
         0, "Keep only the newest N model_epoch_* checkpoints (plus the one gdino_model_latest.pth points at and the "
-        "best by validation mAP when validation runs); 0 keeps all.", minimum=0,
+        "best by validation mAP when validation runs); 0 keeps all.", minimum=0, maximum=100000,
     )
-    validation_interval: int = param(1, "Validate every N epochs.", minimum=1)
+    validation_interval: int = param(1, "Validate every N epochs.", minimum=1, maximum=100000)
     resume_training_checkpoint_path: Optional[str] = param(None, "Checkpoint to resume from (epoch and step continue).")
     results_dir: Optional[str] = param(None, "Train results folder; default <results_dir>/train.")
     pretrained_model_path: Optional[str] = param(
@@ -383,7 +411,7 @@ class TrainConfig:
     )
     freeze: List[str] = param([], "Parameter-name prefixes to freeze, e.g. [backbone.0, bert]. A module whose "
                               "parameters are all frozen runs in eval mode while training (no dropout, fixed norm "
-                              "statistics).")
+                              "statistics).", max_items=1000)
     clip_grad_norm: float = param(0.1, "Gradient-norm clip (0 disables).", minimum=0.0)
     skip_nonfinite_steps: bool = param(
         False, "Skip a step whose loss is NaN or infinite (no optimizer step, gradients zeroed) with one counted "
@@ -403,25 +431,25 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    num_gpus: int = param(1, "GPUs used.", minimum=1)
-    gpu_ids: List[int] = param([0], "GPU indices.")
-    num_nodes: int = param(1, "Nodes.", minimum=1)
+    num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
+    gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
+    num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
     checkpoint: Optional[str] = param(None, "Model to evaluate: .pth checkpoint or .onnx file.", popular=True)
     trt_engine: Optional[str] = param(None, "TensorRT engine to evaluate (deploy evaluate).")
     results_dir: Optional[str] = param(None, "Evaluate results folder; default <results_dir>/evaluate.")
     input_width: Optional[int] = param(None, "Fixed input width; null keeps aspect ratio (short side "
-                                             "dataset.augmentation.test_random_resize).", minimum=32)
-    input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32)
+                                             "dataset.augmentation.test_random_resize).", minimum=32, maximum=8192)
+    input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32, maximum=8192)
     conf_threshold: float = param(0.0, "Detections below this score are dropped before COCO evaluation.",
                                   minimum=0.0, maximum=1.0)
-    batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1)
+    batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1, maximum=1024)
 
 
 @dataclass
 class InferenceConfig:
-    num_gpus: int = param(1, "GPUs used.", minimum=1)
-    gpu_ids: List[int] = param([0], "GPU indices.")
-    num_nodes: int = param(1, "Nodes.", minimum=1)
+    num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
+    gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
+    num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
     checkpoint: Optional[str] = param(None, "Model to run: .pth checkpoint or .onnx file.", popular=True)
     trt_engine: Optional[str] = param(None, "TensorRT engine to run (deploy inference).")
     results_dir: Optional[str] = param(None, "Inference results folder; default <results_dir>/inference.")
@@ -429,10 +457,10 @@ class InferenceConfig:
     conf_threshold: float = param(0.5, "Detections below this score are not written.", minimum=0.0, maximum=1.0,
                                   popular=True)
     is_internal: bool = param(False, "Keep the source folder structure under the output folders.")
-    input_width: Optional[int] = param(None, "Fixed input width; null keeps aspect ratio.", minimum=32)
-    input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32)
-    outline_width: int = param(3, "Box outline width in pixels.", minimum=1)
-    batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1)
+    input_width: Optional[int] = param(None, "Fixed input width; null keeps aspect ratio.", minimum=32, maximum=8192)
+    input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32, maximum=8192)
+    outline_width: int = param(3, "Box outline width in pixels.", minimum=1, maximum=100)
+    batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1, maximum=1024)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,15 +470,15 @@ class InferenceConfig:
 @dataclass
 class ExportConfig:
     results_dir: Optional[str] = param(None, "Export results folder; default <results_dir>/export.")
-    gpu_id: int = param(0, "GPU used for export when not on_cpu.", minimum=0)
+    gpu_id: int = param(0, "GPU used for export when not on_cpu.", minimum=0, maximum=1023)
     checkpoint: Optional[str] = param(None, "Checkpoint to export.", popular=True)
     onnx_file: Optional[str] = param(None, "Output .onnx path; default <export results_dir>/model.onnx.")
     on_cpu: bool = param(True, "Export on the CPU.")
     input_channel: int = param(3, "Input channels.", options=(3,))
-    input_width: int = param(960, "Input width (multiple of 32 recommended).", minimum=32)
-    input_height: int = param(544, "Input height.", minimum=32)
+    input_width: int = param(960, "Input width (multiple of 32 recommended).", minimum=32, maximum=8192)
+    input_height: int = param(544, "Input height.", minimum=32, maximum=8192)
     opset_version: int = param(17, "ONNX opset.", minimum=12, maximum=20)
-    batch_size: int = param(-1, "Batch size baked into the ONNX; -1 = dynamic.", minimum=-1)
+    batch_size: int = param(-1, "Batch size baked into the ONNX; -1 = dynamic.", minimum=-1, maximum=1024)
     verbose: bool = param(False, "Print the exporter's graph.")
     format: str = param("onnx", "Export format.", options=("onnx",))
     verify: bool = param(True, "Run ONNX Runtime on a sample and compare with PyTorch after export.")
@@ -467,30 +495,30 @@ class ExportConfig:
 class TensorRTConfig:
     data_type: str = param("FP32", "Engine precision (INT8 is refused: use a QDQ ONNX from quantize).",
                            options=("FP32", "FP16"))
-    workspace_size: int = param(8192, "Builder workspace in MB.", minimum=1)
-    min_batch_size: int = param(1, "Optimization profile: min batch.", minimum=1)
-    opt_batch_size: int = param(1, "Optimization profile: opt batch.", minimum=1)
-    max_batch_size: int = param(4, "Optimization profile: max batch.", minimum=1)
+    workspace_size: int = param(8192, "Builder workspace in MB.", minimum=1, maximum=1048576)
+    min_batch_size: int = param(1, "Optimization profile: min batch.", minimum=1, maximum=1024)
+    opt_batch_size: int = param(1, "Optimization profile: opt batch.", minimum=1, maximum=1024)
+    max_batch_size: int = param(4, "Optimization profile: max batch.", minimum=1, maximum=1024)
     layers_precision: List[str] = param(
         [], "Per-layer precision as TAO writes it, \"layer_name:precision\" with precision fp32, fp16, int32 or int8 "
             "and the ONNX node name as layer name, e.g. [\"/transformer/decoder/norm/LayerNormalization:fp32\"]; "
             "\"*:fp32\" sets every other layer. Applied to FP16 engines with TensorRT's "
-            "PREFER_PRECISION_CONSTRAINTS (an FP32 engine already runs every layer in FP32).",
+            "PREFER_PRECISION_CONSTRAINTS (an FP32 engine already runs every layer in FP32).", max_items=10000,
     )
 
 
 @dataclass
 class GenTrtEngineConfig:
     results_dir: Optional[str] = param(None, "Engine results folder; default <results_dir>/gen_trt_engine.")
-    gpu_id: int = param(0, "GPU used to build the engine.", minimum=0)
+    gpu_id: int = param(0, "GPU used to build the engine.", minimum=0, maximum=1023)
     onnx_file: Optional[str] = param(None, "ONNX model to build from.", popular=True)
     trt_engine: Optional[str] = param(None, "Output engine path; default <results_dir>/model.engine.")
     timing_cache: Optional[str] = param(None, "TensorRT timing cache file (read and updated).")
     input_channel: int = param(3, "Input channels.", options=(3,))
-    input_width: int = param(960, "Input width; must match the ONNX.", minimum=32)
-    input_height: int = param(544, "Input height; must match the ONNX.", minimum=32)
+    input_width: int = param(960, "Input width; must match the ONNX.", minimum=32, maximum=8192)
+    input_height: int = param(544, "Input height; must match the ONNX.", minimum=32, maximum=8192)
     opset_version: int = param(17, "ONNX opset of the input model.", minimum=12, maximum=20)
-    batch_size: int = param(-1, "Batch size of the ONNX (-1 dynamic).", minimum=-1)
+    batch_size: int = param(-1, "Batch size of the ONNX (-1 dynamic).", minimum=-1, maximum=1024)
     verbose: bool = param(False, "Verbose TensorRT logging.")
     tensorrt: TensorRTConfig = section(TensorRTConfig, "TensorRT builder settings.")
 
@@ -518,12 +546,13 @@ class QuantizeConfig:
     default_layer_dtype: str = param("int8", "Weight dtype.", options=("int8", "fp8_e4m3fn", "fp8_e5m2", "native"))
     default_activation_dtype: str = param("int8", "Activation dtype.",
                                           options=("int8", "fp8_e4m3fn", "fp8_e5m2", "native"))
-    layers: List[QuantizeLayerConfig] = param([], "Per-layer overrides.")
-    skip_names: List[str] = param([], "Module or ONNX node name patterns left in float.")
+    layers: List[QuantizeLayerConfig] = param([], "Per-layer overrides.", max_items=10000)
+    skip_names: List[str] = param([], "Module or ONNX node name patterns left in float.", max_items=10000)
     model_path: Optional[str] = param(None, "Model to quantize (.pth or .onnx).", popular=True)
     results_dir: Optional[str] = param(None, "Quantize results folder; default <results_dir>/quantize.")
     device: str = param("cpu", "Device for calibration.", options=("cpu", "cuda"))
-    num_calibration_batches: int = param(8, "Calibration batches (images with their real captions).", minimum=1)
+    num_calibration_batches: int = param(8, "Calibration batches (images with their real captions).", minimum=1,
+                                         maximum=100000)
     evaluate: bool = param(True, "Evaluate the quantized and float models on the val set and report mAP50.")
     backend_kwargs: Dict[str, Any] = param(
         {}, "Extra keyword arguments for the backend, over the ones this action sets. onnxruntime: keywords of "
@@ -542,22 +571,23 @@ class QuantizeConfig:
 class AutoMLConfig:
     algorithm: str = param("tpe", "Search: tpe, bayesian (GP), hyperband (TPE + Hyperband pruning), random.",
                            options=("tpe", "bayesian", "hyperband", "random"))
-    max_trials: int = param(6, "Trials to run in the study (across all workers).", minimum=1)
-    timeout: Optional[int] = param(None, "Stop starting new trials after this many seconds.", minimum=1)
+    max_trials: int = param(6, "Trials to run in the study (across all workers).", minimum=1, maximum=10000)
+    timeout: Optional[int] = param(None, "Stop starting new trials after this many seconds.", minimum=1,
+                                   maximum=10**8)
     storage: Optional[str] = param(
         None, "Optuna storage: null = SQLite in the job folder; sqlite:///..., postgresql://..., or a .journal file."
     )
     study_name: Optional[str] = param(None, "Study name; default the job id.")
     metric: str = param("val_mAP50", "Metric the study maximises.", options=("val_mAP50", "val_mAP"))
     automl_hyperparameters: List[str] = param(
-        [], "Dotted keys to search; empty = the train schema's automl_default_parameters."
+        [], "Dotted keys to search; empty = the train schema's automl_default_parameters.", max_items=1000,
     )
     ranges: Dict[str, List[float]] = param(
         {}, "Search ranges [min, max] of searched numeric keys, replacing the schema's x-automl range, e.g. "
             "{train.optim.lr_backbone: [1.0e-5, 3.0e-4]} (fine-tuning a pretrained model often wants other ranges "
             "than training from scratch)."
     )
-    seed: Optional[int] = param(None, "Sampler seed; default train.seed.")
+    seed: Optional[int] = param(None, "Sampler seed; default train.seed.", minimum=0, maximum=2**32 - 1)
     spec_values_first: bool = param(
         True, "Run the spec's own values of the searched keys as the study's first trial: the baseline the search "
               "has to beat, so the best trial is never worse than training without AutoML."
@@ -569,7 +599,7 @@ class WandbConfig:
     enable: bool = param(False, "Log to Weights & Biases (needs the wandb package).")
     project: Optional[str] = param(None, "W&B project.")
     entity: Optional[str] = param(None, "W&B entity.")
-    tags: List[str] = param([], "W&B tags.")
+    tags: List[str] = param([], "W&B tags.", max_items=1000)
     reinit: bool = param(False, "W&B reinit.")
     sync_tensorboard: bool = param(False, "Sync TensorBoard logs to W&B.")
     save_code: bool = param(False, "Save code to W&B.")

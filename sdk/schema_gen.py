@@ -75,9 +75,14 @@ def _field_schema(f: dataclasses.Field, hint: Any) -> Dict[str, Any]:
     schema["default"] = _field_default(f)
     if meta.get("display_name"):
         schema["title"] = meta["display_name"]
-    for key, keyword in (("minimum", "minimum"), ("maximum", "maximum"), ("exclusive_minimum", "exclusiveMinimum")):
+    for key, keyword in (("minimum", "minimum"), ("maximum", "maximum"), ("exclusive_minimum", "exclusiveMinimum"),
+                         ("min_items", "minItems"), ("max_items", "maxItems")):
         if meta.get(key) is not None:
             schema[keyword] = meta[key]
+    for key, keyword in (("item_minimum", "minimum"), ("item_maximum", "maximum"),
+                         ("item_exclusive_minimum", "exclusiveMinimum")):
+        if meta.get(key) is not None:
+            schema["items"][keyword] = meta[key]
     if meta.get("options") is not None:
         nullable = isinstance(schema["type"], list)
         schema["enum"] = list(meta["options"]) + ([None] if nullable else [])
