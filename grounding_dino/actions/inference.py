@@ -33,6 +33,8 @@ from tqdm import tqdm
 from grounding_dino.actions import ActionRun
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import normalize_name
+from grounding_dino.data.errors import DataError
+from grounding_dino.data.images import read_image
 from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.draw import draw_detections, phrase_colors
@@ -85,10 +87,10 @@ class ImageList(Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = read_image(path)
         except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from None
+            raise DataError(f"dataset.infer_data_sources.image_dir: cannot read image {path}: {err}. Fix: replace "
+                            "or remove the file") from None
         empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64)}
         tensor, _ = self.transforms(image, empty, np.random.default_rng(index))
         return tensor, {"index": index, "orig_size": torch.tensor([image.height, image.width])}
@@ -160,9 +162,10 @@ def _write_image(path: Path, out: Path, found, colors, outline_width: int, resul
     label_file.write_text("".join(kitti_line(phrase, box, score) + "\n" for box, phrase, score in found))
     annotated = results_dir / "images_annotated" / out
     annotated.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(path) as image:
-        image_format = image.format
-        drawn = draw_detections(image, found, colors, outline_width)
+    with Image.open(path) as stored:
+        image_format = stored.format
+    # the boxes are in the coordinates of the image the model saw: converted and EXIF-oriented
+    drawn = draw_detections(read_image(path), found, colors, outline_width)
     drawn.save(annotated, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
 
 

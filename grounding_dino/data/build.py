@@ -10,6 +10,7 @@ from ..config import ExperimentConfig
 from .coco import coco_records
 from .dataset import GroundingDataset, TrainCaptions, unreadable_reason
 from .errors import BoxAudit, DataError, DataWarning
+from .images import NEITHER, header, orientation_rule
 from .odvg import label_names, odvg_records
 from .records import Record, store_records
 from .tokens import TokenBudget
@@ -61,6 +62,7 @@ def build_dataset(
     audit.warn()
     if data.skip_bad_images:
         records = _readable(records, image_dir_keys)
+    _warn_orientation_mismatches(records, key)
 
     transforms = build_transforms(data.augmentation, train, input_size)
     pad_size = _pad_size(transforms, records) if data.augmentation.fixed_padding else None
@@ -127,6 +129,32 @@ def _readable(records: List[Record], image_dir_keys: Sequence[str]) -> List[Reco
     warnings.warn(f"dataset.skip_bad_images: skipped {len(bad)} unreadable image{'s' if len(bad) != 1 else ''} "
                   f"of {len(records)} (first: {first})", DataWarning, stacklevel=3)
     return [r for r, why in zip(records, reasons) if why is None]
+
+
+def _orientation(record: Record) -> Optional[Tuple[int, Tuple[int, int]]]:
+    try:
+        return header(record["file"])
+    except Exception:  # unreadable: the loader or dataset.skip_bad_images names it
+        return None
+
+
+def _warn_orientation_mismatches(records: Sequence[Record], key: str) -> None:
+    """One warning counting the images whose EXIF orientation leaves them matching their annotation's width and
+    height neither as stored nor rotated (the loader rotates and resizes those). Reads headers only."""
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(_orientation, records))
+    odd = [(r, h) for r, h in zip(records, found)
+           if h is not None and orientation_rule(h[0], h[1], (r["width"], r["height"])) == NEITHER]
+    if not odd:
+        return
+    record, (orientation, (width, height)) = odd[0]
+    warnings.warn(
+        f"{key}: {len(odd)} of {len(records)} images carry an EXIF orientation but match their annotation's "
+        f"width x height neither as stored nor rotated (first: {record['file']} ({record['where']}) is stored "
+        f"{width}x{height} with orientation {orientation}, annotated {record['width']}x{record['height']}); they are "
+        "rotated by the tag and resized to the annotated size. Fix: correct the annotations' width/height",
+        DataWarning, stacklevel=3,
+    )
 
 
 def _pad_size(transforms, records: Sequence[Record]) -> Tuple[int, int]:

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from ..formats import build_caption
 from .captions import sample_names
 from .errors import DataError
+from .images import NEITHER, open_rgb, read_image
 from .records import Record
 from .tokens import TokenBudget
 
@@ -116,13 +117,6 @@ class GroundingDataset(Dataset):
         return names, [position[name] for name in box_names]
 
 
-def read_image(path: str) -> Image.Image:
-    """The image at `path`, fully decoded to RGB; raises OSError when it cannot be (missing, truncated, not an
-    image)."""
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
-
-
 def unreadable_reason(path: str) -> Optional[str]:
     """Why the image at `path` cannot be decoded, or None when it can."""
     try:
@@ -133,14 +127,19 @@ def unreadable_reason(path: str) -> Optional[str]:
 
 
 def load_image(record: Record, image_dir_key: str) -> Image.Image:
+    """The record's image, RGB, oriented by the EXIF rule of grounding_dino.data.images against the annotation's
+    width and height."""
+    annotated = (record["width"], record["height"])
     try:
-        image = read_image(record["file"])
+        image, rule = open_rgb(record["file"], annotated)
     except OSError as e:
         raise DataError(
             f"{image_dir_key}: cannot read image {record['file']} ({record['where']}): {e}. Fix: replace or remove "
             "the file, or set dataset.skip_bad_images=true to skip unreadable images"
         ) from None
-    if image.size != (record["width"], record["height"]):
+    if rule == NEITHER:  # build_dataset warned about these
+        return image.resize(annotated, Image.Resampling.BILINEAR)
+    if image.size != annotated:
         raise DataError(
             f"{record['where']}: image {record['file']} is {image.width}x{image.height} pixels but the annotation "
             f"says {record['width']}x{record['height']} (width x height); fix the annotation's width/height"
