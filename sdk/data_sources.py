@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping
 
@@ -40,8 +41,47 @@ def is_s3(value: Any) -> bool:
 # archives
 
 
-def _member_problem(member: tarfile.TarInfo) -> str | None:
-    """Why `member` may not be extracted, or None when it is safe."""
+# Symlinks followed while resolving one path before it counts as a loop (Linux's own limit is 40).
+MAX_LINK_HOPS = 40
+
+
+class _Escape(Exception):
+    """A path that, with the archive's earlier links followed, leaves the extraction folder."""
+
+
+def _resolve(parts: Iterable[str], links: dict[str, str], follow_last: bool) -> list[str]:
+    """The components of an archive path below the extraction folder, following the symlinks met so far in the
+    archive (`links`: normalised member path -> link target) the way the filesystem will once they exist.
+    Raises _Escape when the path leaves the folder, points at an absolute path or loops."""
+    resolved: list[str] = []
+    queue = list(parts)
+    hops = 0
+    while queue:
+        part = queue.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                raise _Escape("leaves the extraction folder")
+            resolved.pop()
+            continue
+        resolved.append(part)
+        target = links.get("/".join(resolved))
+        if target is not None and (queue or follow_last):
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                raise _Escape("a loop of links")
+            if target.startswith("/"):
+                raise _Escape(f"reaches the absolute path {target!r}")
+            resolved.pop()  # a symlink resolves relative to its own folder
+            queue = list(PurePosixPath(target).parts) + queue
+    return resolved
+
+
+def _member_problem(member: tarfile.TarInfo, links: dict[str, str]) -> str | None:
+    """Why `member` may not be extracted, or None when it is safe. `links` holds the symlinks of the members
+    before it (extraction creates them first, so later members are written through them); a safe symlink is
+    added to it."""
     name = member.name
     if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
         return "absolute path"
@@ -52,20 +92,38 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
         return "device or fifo"
     if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
         return f"unsupported member type {member.type!r}"
+    try:
+        # where the member itself lands: its folders may be links made by earlier members
+        folder = _resolve(parts[:-1], links, follow_last=True)
+    except _Escape as escape:
+        return f"written through earlier links that escape the archive ({escape})"
     if member.issym() or member.islnk():
         target = member.linkname
         if not target or target.startswith("/"):
             return f"link to absolute path {target!r}"
         # A symlink resolves relative to its own folder, a hard link relative to the archive root.
-        base = PurePosixPath(name).parent if member.issym() else PurePosixPath(".")
-        depth = 0
-        for part in (base / target).parts:
-            if part == "..":
-                depth -= 1
-            elif part not in (".", ""):
-                depth += 1
-            if depth < 0:
-                return f"link escaping the archive ({target!r})"
+        base = folder if member.issym() else []
+        try:
+            _resolve([*base, *PurePosixPath(target).parts], links, follow_last=True)
+        except _Escape as escape:
+            return f"link escaping the archive ({target!r} {escape}, following the archive's links)"
+        if member.issym():
+            links["/".join([*folder, parts[-1]])] = target
+            return None
+    # a file or folder replaces a link of the same name
+    links.pop("/".join([*folder, parts[-1]]), None)
+    return None
+
+
+def _late_escape(member: tarfile.TarInfo, links: dict[str, str]) -> str | None:
+    """Why the symlink `member` escapes once every link of the archive exists (a later link can move an earlier
+    link's target: `x -> d/e/../..` is inside until `d -> .` arrives), or None."""
+    parts = PurePosixPath(member.name).parts
+    try:
+        folder = _resolve(parts[:-1], links, follow_last=True)
+        _resolve([*folder, *PurePosixPath(member.linkname).parts], links, follow_last=True)
+    except _Escape as escape:
+        return f"link escaping the archive ({member.linkname!r} {escape}, following the archive's links)"
     return None
 
 
@@ -76,8 +134,10 @@ def check_archive(path: Path) -> list[tarfile.TarInfo]:
             members = tar.getmembers()
     except (tarfile.TarError, OSError) as exc:
         raise DataSourceError(f"{path}: not a readable tar archive ({exc}). Fix: give a .tar/.tar.gz of the images.")
-    for member in members:
-        problem = _member_problem(member)
+    links: dict[str, str] = {}
+    problems = ((m, _member_problem(m, links)) for m in members)
+    late = ((m, _late_escape(m, links)) for m in members if m.issym())
+    for member, problem in chain(problems, late):
         if problem:
             raise DataSourceError(
                 f"{path}: refused the whole archive, member {member.name!r} is unsafe ({problem}). "

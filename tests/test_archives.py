@@ -50,6 +50,15 @@ BAD = {
     "symlink_absolute": ([_link("images/etc", "/etc")], "images/etc", "absolute"),
     "hardlink_escape": ([_file("images/a.jpg"), _link("images/hard", "../outside.txt", tarfile.LNKTYPE)],
                         "images/hard", "escaping"),
+    # each link alone stays inside; followed through the earlier one, images/up2 is images/../.. (outside)
+    "symlink_chain": ([_link("images/up", ".."), _link("images/up2", "up/..")], "images/up2",
+                      "escaping the archive ('up/..' leaves the extraction folder, following the archive's links)"),
+    "symlink_chain_to_absolute": ([_link("images/tmp", "tmp2"), _link("images/tmp2", "/tmp")], "images/tmp2",
+                                  "absolute"),
+    # x is inside when it arrives; the later link d -> . moves it outside
+    "symlink_moved_by_a_later_link": ([_link("x", "d/e/../.."), _link("d", ".")], "x", "escaping"),
+    "file_through_link_chain": ([_link("a", "."), _link("b", "a/a/a/.."), _file("b/escaped.txt")], "b", "escaping"),
+    "link_loop": ([_link("a", "b"), _link("b", "a"), _file("a/x.jpg")], "a/x.jpg", "a loop of links"),
     "device": ([_file("images/a.jpg"), _device("images/null")], "images/null", "device"),
     "fifo": ([_file("images/a.jpg"), _fifo("images/pipe")], "images/pipe", "fifo"),
 }
@@ -105,6 +114,15 @@ def test_concurrent_extraction_of_one_archive(tmp_path):
     assert not errors and len(set(results)) == 1
     assert len(list((results[0] / "images").iterdir())) == 50
     assert [p.name for p in (cache / "archives").iterdir()] == [results[0].name]  # no temp folders left
+
+
+def test_links_inside_the_archive_pass_the_chain_check(tmp_path):
+    archive = _archive(tmp_path / "images.tar.gz", [
+        _file("data/images/a.jpg", b"A"), _link("data/current", "images"), _link("data/latest", "current/a.jpg"),
+        _link("shortcut", "data/current/../images/a.jpg"),
+    ])
+    folder = extract_archive(archive, tmp_path / "cache")
+    assert (folder / "data" / "latest").read_bytes() == b"A" and (folder / "shortcut").read_bytes() == b"A"
 
 
 def test_not_an_archive(tmp_path):
