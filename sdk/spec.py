@@ -1,5 +1,9 @@
 """Specs: load YAML, apply `key=value` overrides, merge onto the defaults, validate against the action's schema.
 
+Parsing is bounded (MAX_SPEC_BYTES, MAX_SPEC_NODES, MAX_SPEC_DEPTH): a spec comes from users and agents, and a few
+lines of YAML aliases ("billion laughs") expand to billions of values, a recursive alias to an endless one, and deep
+nesting exhausts Python's stack; each is refused within milliseconds with the limit named.
+
 A spec is a nested mapping (sections model, dataset, train, ... and top-level results_dir, encryption_key,
 model_name). Keys are addressed by dotted paths with list indexes: `dataset.train_data_sources[0].json_file`.
 Validation reports every problem at once, each with its key path, the bad value and what is allowed.
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from functools import lru_cache
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from grounding_dino.config import ConfigError, normalize_spec, parse_layers_precision
 from grounding_dino.layout import replace_atomically
@@ -30,14 +35,94 @@ _KEY_RE = re.compile(rf"^{_NAME}(\[(\d+|\*)\])*(\.{_NAME}(\[(\d+|\*)\])*)*$")
 _TOKEN_RE = re.compile(rf"({_NAME})|\[(\d+|\*)\]")
 _KEY_HELP = "use dotted names with optional list indexes, e.g. dataset.train_data_sources[0].json_file"
 
+# A full spec with every section is about 400 values, 5 levels deep and 20 KB; the limits leave room for long lists
+# (captions, layer names) while refusing what only a bomb or a generated file gone wrong produces.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000  # values after aliases are expanded
+MAX_SPEC_DEPTH = 64
+_FLATTER = "a spec's sections nest 4 levels; check the brackets and indentation"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # YAML
 
 
+class SpecTooLarge(yaml.YAMLError):
+    """A spec past one of the parsing limits; the message names the limit."""
+
+
+def _too_large(what: str, limit: int, fix: str) -> SpecTooLarge:
+    return SpecTooLarge(f"refused: {what}; the limit is {limit:,} (it keeps a spec from exhausting memory or "
+                        f"Python's stack); {fix}")
+
+
+def check_size(root: Any, children, text: str = "the spec") -> None:
+    """Raise SpecTooLarge when `root`, with shared parts counted each time they are reached (what walking it, copying
+    it or validating it costs), holds more than MAX_SPEC_NODES values, nests deeper than MAX_SPEC_DEPTH, or contains
+    itself. `children(node)` lists a node's children, [] for a leaf. Iterative and memoised by identity, so a
+    billion-laughs graph of 100 nodes costs 100 steps, not a billion."""
+    done: Dict[int, Tuple[int, int]] = {}  # id -> (values, depth) below and including it
+    open_ids = set()
+    stack: List[Tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        kids = children(node)
+        if finished:
+            size = 1 + sum(done[id(k)][0] if children(k) else 1 for k in kids)
+            depth = 1 + max((done[id(k)][1] if children(k) else 1 for k in kids), default=0)
+            open_ids.discard(key)
+            done[key] = (size, depth)
+            if size > MAX_SPEC_NODES:
+                raise _too_large(f"{text} expands to more than {MAX_SPEC_NODES:,} values (YAML aliases repeat what "
+                                 "they point to)", MAX_SPEC_NODES,
+                                 "write the values out instead of repeating them through aliases")
+            if depth > MAX_SPEC_DEPTH:
+                raise _too_large(f"{text} nests deeper than {MAX_SPEC_DEPTH} levels", MAX_SPEC_DEPTH, _FLATTER)
+        elif key in open_ids:
+            raise SpecTooLarge(f"refused: {text} contains itself (a recursive alias, e.g. &a [*a]), so it never ends; "
+                               "write the values out")
+        elif key not in done and kids:
+            open_ids.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if children(k))
+
+
+def _node_children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _data_children(value: Any) -> list:
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that reads `1e-4` as a float (YAML 1.2; PyYAML alone gives a string) and refuses
-    duplicate keys (PyYAML alone keeps the last one silently)."""
+    """yaml.SafeLoader that reads `1e-4` as a float (YAML 1.2; PyYAML alone gives a string), refuses duplicate keys
+    (PyYAML alone keeps the last one silently) and refuses documents past MAX_SPEC_NODES / MAX_SPEC_DEPTH before
+    anything is built from them."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        # The composer recurses once per level: the depth is capped here, before Python's stack gives out.
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise _too_large(f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels", MAX_SPEC_DEPTH, _FLATTER)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        check_size(node, _node_children, "the YAML")
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: Dict[str, Any] = {}
@@ -68,20 +153,30 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML text -> Python data with the spec rules (safe tags only, 1e-4 is a float, no duplicate keys)."""
+    """YAML text -> Python data with the spec rules (safe tags only, 1e-4 is a float, no duplicate keys, the size
+    limits: SpecTooLarge)."""
     return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - _SpecLoader is a yaml.SafeLoader
 
 
 def load_spec(path_or_mapping: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str, Any]:
     """A spec as a fresh dict, from a YAML file or a mapping. Raises SpecError naming the file and the problem."""
     if isinstance(path_or_mapping, Mapping):
-        data = copy.deepcopy(dict(path_or_mapping))
         where = "<spec>"
+        try:
+            check_size(path_or_mapping, _data_children)
+        except SpecTooLarge as exc:
+            raise SpecError.single(where, MISSING, str(exc)) from None
+        data = copy.deepcopy(dict(path_or_mapping))
     else:
         path = Path(path_or_mapping)
         where = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:  # read at most one byte past the limit: the file may be endless (a FIFO)
+                raw = f.read(MAX_SPEC_BYTES + 1)
+            if len(raw) > MAX_SPEC_BYTES:
+                raise SpecError.single(where, MISSING, f"refused: the spec file is larger than the limit of "
+                                                       f"{MAX_SPEC_BYTES:,} bytes for a spec (a spec is a few KB)")
+            text = raw.decode("utf-8")
         except FileNotFoundError:
             raise SpecError.single(where, MISSING, "spec file not found; check the path given with -e") from None
         except IsADirectoryError:
@@ -92,6 +187,8 @@ def load_spec(path_or_mapping: Union[str, os.PathLike, Mapping[str, Any]]) -> Di
             raise SpecError.single(where, MISSING, f"not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         try:
             data = parse_yaml(text)
+        except SpecTooLarge as exc:
+            raise SpecError.single(where, MISSING, str(exc)) from None
         except yaml.YAMLError as exc:
             raise SpecError.single(where, MISSING, f"not valid YAML: {_yaml_error(exc)}") from None
         if data is None:  # an empty file means "all defaults"
@@ -213,6 +310,8 @@ def parse_override(text: str) -> Tuple[str, Any]:
                                              "empty string")
     try:
         value = parse_yaml(raw)
+    except SpecTooLarge as exc:
+        raise SpecError.single(key, MISSING, f"override value {exc}") from None
     except yaml.YAMLError as exc:
         raise SpecError.single(key, raw, f"override value is not valid YAML ({_yaml_error(exc)}); quote strings "
                                          "that contain ': ' or start with [, {, * or &") from None
@@ -234,6 +333,10 @@ def apply_overrides(spec: Mapping[str, Any], overrides: Union[Mapping[str, Any],
     for item in items:
         try:
             key, value = item if isinstance(overrides, Mapping) else parse_override(item)
+            try:
+                check_size(value, _data_children, "the value")
+            except SpecTooLarge as exc:
+                raise SpecError.single(key, MISSING, str(exc)) from None
             set_path(result, (shorthand or {}).get(key, key), value)
         except SpecError as exc:
             issues.extend(exc.issues)
@@ -300,9 +403,22 @@ def _validation_schema(action: str) -> Dict[str, Any]:
     return schema
 
 
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum")
+
+
+def _is_integer(_checker, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# JSON Schema counts 1e10 (a float with no fraction) as an integer; the runtime would get a float where it sizes
+# tensors and loops, so integer keys take integers only.
+_StrictValidator = validators.extend(
+    Draft202012Validator, type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer))
+
+
 @lru_cache(maxsize=None)
 def _validator(action: str) -> Draft202012Validator:
-    return Draft202012Validator(_validation_schema(action))
+    return _StrictValidator(_validation_schema(action))
 
 
 def validate(spec: Mapping[str, Any], action: str, filled_by_mappings: Iterable[str] = frozenset()) -> None:
@@ -312,8 +428,14 @@ def validate(spec: Mapping[str, Any], action: str, filled_by_mappings: Iterable[
     info = load_skill_info()
     act = info.action(action)
     filled = frozenset(filled_by_mappings)
-    issues: List[SpecIssue] = []
-    for error in _validator(action).iter_errors(spec):
+    issues: List[SpecIssue] = _non_finite(spec, _validation_schema(action), [])
+    errors = list(_validator(action).iter_errors(spec))
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}  # its range is in the type message
+    for error in errors:
+        if _is_non_finite(error.instance):  # said once, by _non_finite
+            continue
+        if error.validator in _BOUNDS and tuple(error.absolute_path) in mistyped:
+            continue
         issues.extend(_schema_issues(error, info.shorthand))
     issues.extend(_placeholders(spec, ""))
     issues.extend(_consistency(spec))
@@ -361,18 +483,69 @@ def _schema_issues(error: ValidationError, shorthand: Mapping[str, str]) -> List
             issues.append(SpecIssue(format_key(path + [key]), error.instance[key], "; ".join(parts)))
         return issues
     if kind == "type":
-        message = f"expected {_allowed_types(bound)}, got {_json_type(error.instance)}"
+        limits = _allowed_range(error.schema)
+        message = f"expected {_allowed_types(bound)}{' ' + limits if limits else ''}, got {_json_type(error.instance)}"
     elif kind == "enum":
         message = "must be one of: " + ", ".join("null" if v is None else str(v) for v in bound)
-    elif kind == "minimum":
-        message = f"must be >= {bound}"
-    elif kind == "maximum":
-        message = f"must be <= {bound}"
-    elif kind == "exclusiveMinimum":
-        message = f"must be > {bound}"
+    elif kind in _BOUNDS:
+        message = f"out of range: must be {_allowed_range(error.schema)}"
+    elif kind in ("minItems", "maxItems"):
+        count = len(error.instance)
+        message = f"has {count} item{'' if count == 1 else 's'}; {_allowed_items(error.schema)}"
     else:
         message = error.message
     return [SpecIssue(where, error.instance, message)]
+
+
+def _allowed_range(schema: Mapping[str, Any]) -> str:
+    """'between 1 and 5000', '> 0 and <= 1', '>= 0', or '' for a schema without bounds."""
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    parts = [f">= {low}"] if low is not None else []
+    if schema.get("exclusiveMinimum") is not None:
+        parts.append(f"> {schema['exclusiveMinimum']}")
+    if high is not None:
+        parts.append(f"<= {high}")
+    return " and ".join(parts)
+
+
+def _allowed_items(schema: Mapping[str, Any]) -> str:
+    low, high = schema.get("minItems"), schema.get("maxItems")
+    if low is not None and high is not None:
+        count = f"exactly {low}" if low == high else f"{low} to {high}"
+    else:
+        count = f"at least {low}" if low is not None else f"at most {high}"
+    items = _allowed_range(schema.get("items") or {})
+    return f"allowed: {count} items" + (f", each {items}" if items else "")
+
+
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _schema_at(schema: Mapping[str, Any], token: Token) -> Mapping[str, Any]:
+    if isinstance(token, int):
+        return schema.get("items") or {}
+    extra = schema.get("additionalProperties")
+    return schema.get("properties", {}).get(token) or (extra if isinstance(extra, dict) else {})
+
+
+def _non_finite(node: Any, schema: Mapping[str, Any], tokens: List[Token]) -> List[SpecIssue]:
+    """NaN and infinity anywhere in the spec. JSON Schema has no way to refuse them (NaN passes every comparison,
+    infinity every minimum), so they are found here, with the key's allowed range."""
+    if _is_non_finite(node):
+        limits = _allowed_range(schema)
+        kind = "an integer" if schema.get("type") in ("integer", ["integer", "null"]) else "a finite number"
+        return [SpecIssue(format_key(tokens), node, f"must be {kind}{' ' + limits if limits else ''}; NaN and "
+                                                    "infinity are not allowed (JSON Schema cannot express that, so "
+                                                    "the validator checks it)")]
+    if isinstance(node, dict):
+        return [i for k, v in node.items() if isinstance(k, str)
+                for i in _non_finite(v, _schema_at(schema, k), tokens + [k])]
+    if isinstance(node, list):
+        return [i for n, v in enumerate(node) for i in _non_finite(v, _schema_at(schema, n), tokens + [n])]
+    return []
 
 
 def _placeholders(node: Any, prefix: str) -> List[SpecIssue]:

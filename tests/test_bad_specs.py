@@ -162,7 +162,7 @@ def test_every_problem_is_printed_once(tmp_path):
     lines = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ")]
     assert [line.split(" ")[0].rstrip(":") for line in lines] == [
         "dataset.val_data_sources.json_file", "model.backbone", "model.num_queries", "train.optim.lr"]
-    assert 'model.num_queries = 0: must be >= 1' in result.stderr
+    assert 'model.num_queries = 0: out of range: must be between 1 and 5000' in result.stderr
 
 
 def test_help_lists_actions_and_override_rules(tmp_path):

@@ -203,7 +203,7 @@ def test_validate_reports_every_problem_at_once():
     by_path = {issue.path: issue for issue in info.value.issues}
     assert set(by_path) == {"model.num_queries", "model.backbone", "train.optim.lr", "train.precision",
                             "dataset.batch_size", "model.nqueries"}
-    assert ">= 1" in by_path["model.num_queries"].message
+    assert "between 1 and 5000" in by_path["model.num_queries"].message
     assert "swin_tiny_224_1k" in by_path["model.backbone"].message
     assert by_path["train.optim.lr"].value == "fast" and "number" in by_path["train.optim.lr"].message
     assert "did you mean 'num_queries'" in by_path["model.nqueries"].message
