@@ -209,8 +209,11 @@ class GroundingDINOModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.evaluator.gather()  # every rank then scores the same detections, so no broadcast is needed
         metrics = self.evaluator.summarize()
-        self.log("val_mAP", metrics["mAP"], prog_bar=True, sync_dist=False)
-        self.log("val_mAP50", metrics["mAP50"], prog_bar=True, sync_dist=False)
+        # NaN for a metric the val set cannot score (it warned why): status.json writes it as null with a reason
+        # and AutoML ranks it last
+        for name in ("mAP", "mAP50"):
+            value = metrics[name]
+            self.log(f"val_{name}", math.nan if value is None else value, prog_bar=True, sync_dist=False)
         self.evaluator = None
 
     # ------------------------------------------------------------------------------------------------ optimizer

@@ -12,7 +12,7 @@ import os
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "SKIPPED")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -56,7 +56,11 @@ class StatusWriter:
             record["message"] = message
         record.update({k: _plain(v) for k, v in fields.items()})
         if kpi:
-            record["kpi"] = {k: _plain(v) for k, v in kpi.items()}
+            record["kpi"], reasons = json_safe(dict(kpi))
+            # a metric written as null says why; reasons the caller gives (null_reasons=...) are kept
+            reasons.update(record.get("null_reasons") or {})
+            if reasons:
+                record["null_reasons"] = reasons
         line = json.dumps(record, allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -107,6 +111,33 @@ def read_status(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from err
     return records
+
+
+def json_safe(value: Any, path: str = "") -> Tuple[Any, Dict[str, str]]:
+    """(`value` with every NaN or infinite number, also inside dicts and lists, replaced by None, {dotted path of
+    each: the reason}), so JSON can be written with allow_nan=False and a null still says why it is one."""
+    reasons: Dict[str, str] = {}
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            out[key], found = json_safe(item, f"{path}.{key}" if path else str(key))
+            reasons.update(found)
+        return out, reasons
+    if isinstance(value, (list, tuple)):
+        out_list = []
+        for i, item in enumerate(value):
+            clean, found = json_safe(item, f"{path}[{i}]")
+            out_list.append(clean)
+            reasons.update(found)
+        return out_list, reasons
+    plain = _plain(value)
+    if plain is None and value is not None:
+        reasons[path] = f"not a finite number ({_scalar(value)})"
+    return plain, reasons
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and callable(value.item) else value
 
 
 def _plain(value: Any) -> Any:

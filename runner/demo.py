@@ -81,7 +81,7 @@ def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts:
     for folder in (train, val, infer):
         pack_images(str(folder / "images"))
         shutil.rmtree(folder / "images")  # the layout holds only the archive; jobs extract it into their cache
-    manifest.write_text(json.dumps(settings, indent=1) + "\n")
+    manifest.write_text(json.dumps(settings, indent=1, allow_nan=False) + "\n")
     print(f"[demo] dataset written to {root}: {num_train} train, {num_val} val, {num_infer} inference images; "
           f"{len(names)} training names, held out {', '.join(HOLDOUT)}", flush=True)
     return settings
@@ -288,7 +288,7 @@ def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = F
                                              "max_trials": max_trials, "num_epochs": num_epochs})
     seconds["total"] = round(time.monotonic() - started, 1)
     summary = summarize(SkillBank(workspace), jobs, data, seconds)
-    (workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     print_summary(summary)
     print(f"  summary file:     {workspace / 'demo_summary.json'}")
     return summary

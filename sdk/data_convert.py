@@ -23,9 +23,9 @@ def _write_json(path: Path, data: Any, lines: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         if lines:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
+            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in data)
         else:
-            json.dump(data, f, ensure_ascii=False, indent=1)
+            json.dump(data, f, ensure_ascii=False, indent=1, allow_nan=False)
             f.write("\n")
     return path
 

@@ -91,7 +91,8 @@ def update_job(job_dir: Path, restart: bool = False, **changes: Any) -> dict:
             changes = {k: v for k, v in changes.items() if k not in ("status", "error", "finished_at")}
         record.update(changes)
         record["updated_at"] = now()
-        replace_atomically(job_dir / JOB_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        replace_atomically(job_dir / JOB_RECORD,
+                           json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
         return record
 
 
@@ -221,7 +222,8 @@ class SkillBank:
             "mapped": filled, "carried": carried, "warnings": warnings,
             "cache_dir": str(self.cache_dir), "has_encryption_key": bool(secret),
         }
-        replace_atomically(job_dir / JOB_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        replace_atomically(job_dir / JOB_RECORD,
+                           json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
         if start:
             return self.start(job_id, _secret=secret)
         return self._job(job_dir)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optional[Path] = None,
-             per_class_json: Optional[Path] = None) -> Dict[str, float]:
+             per_class_json: Optional[Path] = None) -> Dict[str, Any]:
     """COCO metrics (evaluation.METRIC_NAMES) of `predictor` on the test split; optionally saves the detections
-    and the per-category AP / AP50."""
+    and the per-category AP / AP50. A metric the set cannot score is None, and `null_reasons` says why."""
     options = cfg.evaluate
     size = predictor.image_size(options.input_width, options.input_height, "evaluate")
     loader = build_dataloader(cfg, "test", input_size=size,
@@ -47,7 +47,9 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         detections = predictor.detect(images, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
         evaluator.update([t["image_id"] for t in targets], detections)
-    metrics = evaluator.summarize(detections_json)
+    metrics: Dict[str, Any] = evaluator.summarize(detections_json)
+    if evaluator.null_reasons:
+        metrics["null_reasons"] = dict(evaluator.null_reasons)
     if per_class_json is not None:
         per_class_json.write_text(json.dumps(evaluator.class_metrics, indent=1, allow_nan=False) + "\n")
     return metrics
@@ -56,8 +58,12 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
 def print_per_class(rows: List[dict]) -> None:
     """The per-category table, weakest AP50 first (what to look at when the mean disappoints)."""
     print(f"{'AP50':>8} {'AP':>7} {'objects':>8}  category")
-    for row in sorted(rows, key=lambda r: (r["AP50"], r["name"])):
-        print(f"{row['AP50']:8.4f} {row['AP']:7.4f} {row['objects']:8d}  {row['name']}")
+    for row in sorted(rows, key=lambda r: (r["AP50"] is not None, r["AP50"] or 0.0, r["name"])):
+        print(f"{_number(row['AP50']):>8} {_number(row['AP']):>7} {row['objects']:8d}  {row['name']}")
+
+
+def _number(value: Optional[float]) -> str:
+    return "null" if value is None else f"{value:.4f}"
 
 
 def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
@@ -66,7 +72,10 @@ def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
     predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
     metrics = evaluate(cfg, predictor, results_dir / "detections.json", results_dir / "per_class.json")
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    reasons = metrics.pop("null_reasons", {})
     for name, value in metrics.items():
-        print(f"{name:>10}: {value:.4f}")
+        print(f"{name:>10}: {_number(value)}" + (f" ({reasons[name]})" if name in reasons else ""))
     print_per_class(json.loads((results_dir / "per_class.json").read_text()))
-    run.report.succeed("Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()})
+    extra = {"null_reasons": {f"test_{name}": why for name, why in reasons.items()}} if reasons else {}
+    run.report.succeed("Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()},
+                       **extra)

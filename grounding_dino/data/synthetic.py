@@ -109,9 +109,10 @@ def write_odvg(folder: Path, records: List[dict], names: Sequence[str]) -> Tuple
         for r in records:
             instances = [{"bbox": box, "label": label[name], "category": name} for name, box in r["objects"]]
             f.write(json.dumps({"file_name": r["file_name"], "height": r["height"], "width": r["width"],
-                                "image_id": r["image_id"], "detection": {"instances": instances}}) + "\n")
-    label_map.write_text(json.dumps({str(i): name for i, name in enumerate(names)}, indent=1) + "\n",
-                         encoding="utf-8")
+                                "image_id": r["image_id"], "detection": {"instances": instances}},
+                               allow_nan=False) + "\n")
+    names_json = json.dumps({str(i): name for i, name in enumerate(names)}, indent=1, allow_nan=False)
+    label_map.write_text(names_json + "\n", encoding="utf-8")
     return jsonl, label_map
 
 
@@ -129,7 +130,7 @@ def write_coco(folder: Path, records: List[dict], names: Sequence[str]) -> Path:
         "categories": [{"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(names)],
     }
     path = folder / "annotations.json"
-    path.write_text(json.dumps(coco) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(coco, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -184,7 +184,7 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
         "checkpoint": name,
         "source": str(source.relative_to(root)),
     }
-    replace_atomically(info_file, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    replace_atomically(info_file, json.dumps(info, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return best
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from grounding_dino.actions import redacted
 from grounding_dino.layout import checkpoints_at_step
+from grounding_dino.status import json_safe
 from runner.automl.study import CHECKPOINT_ATTR, open_storage, open_study
 from sdk.mappings import ENCRYPTION_KEY_ENV
 
@@ -70,14 +71,16 @@ def _best_validation(trial: optuna.Trial, history: List[List[float]], trial_dir:
     if not history:
         raise RuntimeError(f"trial {trial.number} finished without a validation; check train.validation_interval "
                            "against train.num_epochs")
-    epochs, step, value = max(history, key=lambda h: (h[2] if math.isfinite(h[2]) else -math.inf, h[0]))
+    # null: a validation that could not be scored (NaN), ranked below every scored one
+    epochs, step, value = max(history, key=lambda h: (h[2] if h[2] is not None and math.isfinite(h[2])
+                                                      else -math.inf, h[0]))
     matches = checkpoints_at_step(trial_dir, int(step))
     if not matches:
         raise RuntimeError(f"trial {trial.number}: no checkpoint in {trial_dir} for step {step} (epoch {epochs}), "
                            "the best validation")
     trial.set_user_attr(CHECKPOINT_ATTR, matches[-1].name)
     trial.set_user_attr("best_epoch", int(epochs))
-    return float(value)
+    return math.nan if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,8 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"trial {args.trial}: {err}", file=sys.stderr)
         return err.exit_code
     if callback.is_global_zero:
-        result = {"history": callback.history, "pruned_at": callback.pruned_at}
-        (args.spec.parent / RESULT_FILE).write_text(json.dumps(result) + "\n")
+        result, reasons = json_safe({"history": callback.history, "pruned_at": callback.pruned_at})
+        if reasons:
+            result["null_reasons"] = reasons
+        (args.spec.parent / RESULT_FILE).write_text(json.dumps(result, allow_nan=False) + "\n")
     return 0
 
 
