@@ -23,6 +23,10 @@ def reading(path: PathLike) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise DataToolError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise DataToolError(f"{path} is a folder; expected an annotation file") from None
+    except OSError as e:
+        raise DataToolError(f"{path}: cannot read it ({e.strerror or e})") from None
     except FormatError as e:
         raise DataToolError(str(e)) from None
 

@@ -62,6 +62,11 @@ class _Unreadable(Exception):
         self.finding = finding
 
 
+def _at(error: FormatError) -> str:
+    """The JSON path of the problem inside the file or line, as a prefix ("detection.instances[0].bbox: ")."""
+    return f"{error.json_path}: " if error.json_path else ""
+
+
 def _unreadable(error: NotJson, key: str, fix: str) -> _Unreadable:
     return _Unreadable(_error("json_unreadable", key, f"{'line is ' if error.line else ''}{error.problem}.", fix,
                               error.path, error.line))
@@ -147,8 +152,8 @@ def _coco(path: Path, key: str, findings: list[Finding], check_ids: bool) -> Opt
                 "category_ids", key, f"category ids are {shown}; they must be 0..{len(ids) - 1} (0-based, "
                 "contiguous): predicted labels index the category list and validation looks positive maps up by id.",
                 "renumber categories to 0..N-1 in file order and remap every annotation's category_id.", path))
-        else:  # with ids to renumber, annotations naming the old ones are part of that one fix
-            check_coco(data, path)
+            return None  # annotations naming the old ids are part of that one fix, so they are not checked yet
+        check_coco(data, path)
     except NotJson as exc:
         raise _unreadable(exc, key, "repair the file (is it truncated, or JSON lines given as .json?).")
     except FormatError as exc:
@@ -169,7 +174,7 @@ def _odvg(path: Path, key: str, label_map_key: str, label_map: Optional[str], fi
         except NotJson as exc:
             raise _unreadable(exc, label_map_key, "repair the label map.")
         except FormatError as exc:
-            findings.append(_error("label_map_invalid", label_map_key, f"{exc.problem}.",
+            findings.append(_error("label_map_invalid", label_map_key, f"{_at(exc)}{exc.problem}.",
                                    "write the label map as {\"0\": \"name\", \"1\": \"name\", ...}.", label_map))
             return None
         if list(names) != list(range(len(names))):
@@ -205,7 +210,7 @@ def _odvg(path: Path, key: str, label_map_key: str, label_map: Optional[str], fi
     except NotJson as exc:
         raise _unreadable(exc, key, "fix or remove that line (one JSON object per line).")
     except FormatError as exc:
-        findings.append(_error("odvg_invalid", key, f"{exc.problem}.",
+        findings.append(_error("odvg_invalid", key, f"{_at(exc)}{exc.problem}.",
                                "write ODVG lines (detection.instances or grounding.regions).", path, exc.line))
         return None
     for number, phrases in long_phrases:

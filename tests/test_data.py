@@ -178,7 +178,8 @@ def test_coco_val_ids_must_be_zero_based_and_contiguous(tmp_path):
 def test_coco_annotation_with_unknown_category_is_named(tmp_path):
     ann = [{"id": 5, "image_id": 0, "category_id": 9, "bbox": [1, 1, 5, 5]}]
     val = write_coco(tmp_path, [{"id": 0, "name": "cat"}], ann)
-    with pytest.raises(DataError, match=r"val\.json annotation id 5: category id 9 is not in 'categories'"):
+    with pytest.raises(DataError, match=r"val\.json annotation id 5 \(annotations\[0\]\.category_id\): found an "
+                                         r"integer 9; expected the id of a category in 'categories'"):
         build_dataset(config(val=val), "val")
 
 

@@ -171,10 +171,10 @@ def test_token_counts_match_the_real_tokenizer():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["annotations"][0].update(category_id=99), r"annotations\[0\] \(id 1\): category id 99"),
-    (lambda d: d["annotations"][1].update(bbox=[1, 2]), r"annotations\[1\] \(id 2\): bbox must be 4 numbers"),
-    (lambda d: d["images"].append(dict(d["images"][0])), r"images\[3\]: image id 10 appears twice"),
-    (lambda d: d.pop("categories"), "needs 'images', 'annotations' and 'categories'"),
+    (lambda d: d["annotations"][0].update(category_id=99), r"annotations\[0\]\.category_id \(id 1\): found an integer 99; expected the id of a category"),
+    (lambda d: d["annotations"][1].update(bbox=[1, 2]), r"annotations\[1\]\.bbox \(id 2\): found a list \[1, 2\]; expected 4 finite numbers"),
+    (lambda d: d["images"].append(dict(d["images"][0])), r"images\[3\]\.id: image id 10 appears twice"),
+    (lambda d: d.pop("categories"), r"categories: missing; expected a list \(a COCO file needs 'images', 'annotations' and 'categories'\)"),
 ])
 def test_bad_coco_is_named(tmp_path, mutate, message):
     data = coco_sample()

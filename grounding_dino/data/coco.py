@@ -68,7 +68,7 @@ def coco_records(
 def _message(error: FormatError) -> str:
     if error.section == "annotations":  # annotations are named by id, as the box summary names them
         entry = error.entry_id if error.entry_id is not None else f"#{error.index}"
-        return f"file {error.path} annotation id {entry}: {error.problem}"
+        return f"file {error.path} annotation id {entry} ({error.json_path}): {error.problem}"
     return f"file {error}"
 
 
