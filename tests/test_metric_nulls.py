@@ -70,7 +70,8 @@ def test_status_lines_write_a_nonfinite_kpi_as_null_with_a_reason(tmp_path):
     writer.write("SUCCESS", "done", kpi={"test_mAP": None}, null_reasons={"test_mAP": "no annotations"})
     running, success = read_status(tmp_path / "status.json")
     assert running["kpi"] == {"train_loss": None, "val_mAP": None, "lr": 0.1}
-    assert running["null_reasons"] == {"train_loss": "not a finite number (nan)", "val_mAP": "not a finite number (inf)"}
+    assert running["null_reasons"] == {"train_loss": "not a finite number (nan)",
+                                       "val_mAP": "not a finite number (inf)"}
     assert success["kpi"] == {"test_mAP": None} and success["null_reasons"] == {"test_mAP": "no annotations"}
 
 

@@ -122,7 +122,8 @@ def test_keep_last_zero_keeps_everything(tmp_path):
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed_at_the_next_start(tmp_path):
-    stale = [tmp_path / ".model_epoch_000_step_00002.pth.k3x_9abc.tmp", tmp_path / ".gdino_model_latest.pth.a1b2c3d4.tmp"]
+    stale = [tmp_path / ".model_epoch_000_step_00002.pth.k3x_9abc.tmp",
+             tmp_path / ".gdino_model_latest.pth.a1b2c3d4.tmp"]
     for path in stale:
         path.write_bytes(b"half a checkpoint")
     unrelated = tmp_path / ".notes.tmp"
