@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install schemas clean
+.PHONY: demo test install schemas evals clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 schemas: $(STAMP)
 	$(BIN)/skillbank schemas generate
+
+# Every skill's eval tasks, run with their reference solutions (about 10 minutes on 2 CPU cores); writes
+# skills/<skill>/evals/results/ and BENCHMARK.md. Grade an agent with `skillbank skills eval --agent CMD`.
+evals: $(STAMP)
+	$(BIN)/skillbank skills eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache
