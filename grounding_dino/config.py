@@ -13,6 +13,9 @@ Each leaf is declared with `param(...)`, which stores its metadata in `dataclass
   `structural=True` (emitted as `x-structural`): the setting shapes the weights or how they are read, so a checkpoint
   only loads into a model built with the same value. `structural_keys()` lists them for the SDK (carried from a
   parent job), the checkpoint loader and AutoML (never searched by default);
+  `inherited=True` (emitted as `x-inherited`): how the model sees its input (test-time resize, normalisation) or
+  what it keeps; a child job (evaluate, inference, export, ...) takes its parent's value unless the request sets one,
+  and a request that sets another value is run but warned about; `inherited_keys()` lists them for the SDK;
   `secret=True`: the value is never written to a file (experiment.yaml, a job's spec.yaml and job.json, AutoML trial
   specs); `secret_keys()` lists them for the launcher and the SDK;
   `no_effect=True` (emitted as `x-no-effect`): a key of NVIDIA TAO's spec that this implementation accepts, so TAO
@@ -102,6 +105,7 @@ def param(
     automl: Optional[AutoML] = None,
     display_name: Optional[str] = None,
     structural: bool = False,
+    inherited: bool = False,
     secret: bool = False,
     no_effect: bool = False,
     blank_is_default: bool = False,
@@ -122,6 +126,7 @@ def param(
         "automl": automl,
         "display_name": display_name,
         "structural": structural,
+        "inherited": inherited,
         "secret": secret,
         "no_effect": no_effect,
         "blank_is_default": blank_is_default,
@@ -178,9 +183,11 @@ class AugmentationConfig:
         min_items=1, max_items=64, item_minimum=1, item_maximum=8192,
     )
     input_mean: List[float] = param([0.485, 0.456, 0.406], "Per-channel mean used to normalise RGB input (0..1 "
-                                    "pixel scale).", min_items=3, max_items=3, item_minimum=0.0, item_maximum=1.0)
+                                    "pixel scale).", min_items=3, max_items=3, item_minimum=0.0, item_maximum=1.0,
+                                    inherited=True)
     input_std: List[float] = param([0.229, 0.224, 0.225], "Per-channel std used to normalise RGB input (0..1 pixel "
-                                   "scale).", min_items=3, max_items=3, item_exclusive_minimum=0.0, item_maximum=1.0)
+                                   "scale).", min_items=3, max_items=3, item_exclusive_minimum=0.0, item_maximum=1.0,
+                                   inherited=True)
     horizontal_flip_prob: float = param(
         0.5, "Probability of a horizontal flip (boxes mirrored).", minimum=0.0, maximum=1.0,
         automl=AutoML(valid_min=0.0, valid_max=1.0),
@@ -196,9 +203,12 @@ class AugmentationConfig:
         automl=AutoML(valid_min=384, valid_max=800, math_cond="> dataset.augmentation.train_random_crop_min",
                       depends_on="dataset.augmentation.train_random_crop_min"),
     )
-    random_resize_max_size: int = param(1333, "Longest side after resizing.", minimum=32, maximum=8192)
-    test_random_resize: int = param(800, "Shorter side at validation/test time.", minimum=32, maximum=8192)
-    fixed_padding: bool = param(True, "Pad every batch to the maximum size (random_resize_max_size square).")
+    random_resize_max_size: int = param(1333, "Longest side after resizing.", minimum=32, maximum=8192,
+                                        inherited=True)
+    test_random_resize: int = param(800, "Shorter side at validation/test time.", minimum=32, maximum=8192,
+                                    inherited=True)
+    fixed_padding: bool = param(True, "Pad every batch to the maximum size (random_resize_max_size square).",
+                                inherited=True)
     fixed_random_crop: Optional[int] = param(
         None, "If set, large-scale jitter: scale 0.1..2.0 then crop/pad to N x N. Null keeps multi-scale training.",
         minimum=32, maximum=8192,
@@ -299,7 +309,7 @@ class ModelConfig:
     aux_loss: bool = param(True, "Losses on every decoder layer.")
     num_select: int = param(
         300, "Detections kept per image after top-k over queries x phrases.", minimum=1, maximum=1000,
-        automl=AutoML(enabled=False, valid_min=50, valid_max=500),
+        automl=AutoML(enabled=False, valid_min=50, valid_max=500), inherited=True,
     )
     interm_loss_coef: float = param(1.0, "Weight of the encoder-output (proposal) loss.", minimum=0.0)
     no_interm_box_loss: bool = param(False, "Drop the box terms of the encoder-output loss.")
@@ -645,6 +655,11 @@ ACTION_SECTIONS: Dict[str, tuple] = {
 def structural_keys() -> Tuple[str, ...]:
     """Dotted keys declared with `structural=True`, in declaration order: the settings a checkpoint must agree on."""
     return _marked_under(ExperimentConfig, "", "structural")
+
+
+def inherited_keys() -> Tuple[str, ...]:
+    """Dotted keys declared with `inherited=True`: a child job takes them from its parent unless it sets them."""
+    return _marked_under(ExperimentConfig, "", "inherited")
 
 
 def secret_keys() -> Tuple[str, ...]:

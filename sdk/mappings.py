@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
-from grounding_dino.config import structural_keys
+from grounding_dino.config import inherited_keys, structural_keys
 from grounding_dino.layout import BEST_AUTOML, BEST_MODEL_DIR, JOB_RESULTS, parse_checkpoint_name, results_dir_for
 from sdk.errors import SkillBankError
 from sdk.spec import get_path, set_path
@@ -27,8 +27,9 @@ ENCRYPTION_KEY_ENV = "SKILLBANK_ENCRYPTION_KEY"
 # Settings that shape the weights (marked in grounding_dino/config.py): a checkpoint only loads into a model built the
 # same way. They are carried from the parent job's spec and a request may not contradict them.
 STRUCTURAL_KEYS = structural_keys()
-# Carried too, but a request may change it: it only sets how many detections post-processing keeps.
-CARRIED_KEYS = ("model.num_select",)
+# Carried too, but a request may change them (warned): how the model sees its input at test time and how many
+# detections post-processing keeps. A child evaluated at another resize than its parent trained at scores far lower.
+CARRIED_KEYS = inherited_keys()
 CARRY_ACTIONS = ("evaluate", "inference", "export", "quantize", "gen_trt_engine")
 # ONNX and TensorRT models have a fixed input size: parent section -> keys the child must match.
 INPUT_SIZE_SOURCES = {"export": "export", "gen_trt_engine": "gen_trt_engine"}
@@ -284,8 +285,10 @@ def parent_settings(parent: ParentJob) -> dict:
     return spec
 
 
-def carry_forward(action: str, spec: dict, user_spec: dict, parent: ParentJob) -> list[str]:
-    """Copy the parent's model settings into `spec`; refuse a request that contradicts them.
+def carry_forward(action: str, spec: dict, user_spec: dict, parent: ParentJob,
+                  warn: Callable[[str], None] = lambda message: None) -> list[str]:
+    """Copy the parent's model settings and test-time preprocessing into `spec`; refuse a request that contradicts
+    a structural setting, and `warn` about one that changes an inherited one.
 
     user_spec: only what the request itself set (spec file + overrides, no defaults), so a default is never
     mistaken for a contradiction. Returns the keys carried.
@@ -303,7 +306,11 @@ def carry_forward(action: str, spec: dict, user_spec: dict, parent: ParentJob) -
         if theirs is KEEP:
             continue
         ours = get_path(user_spec, dst, KEEP)
-        if ours is not KEEP and ours != theirs and dst not in CARRIED_KEYS:
+        if ours is not KEEP and ours != theirs and dst in CARRIED_KEYS:
+            warn(f"{dst}={ours!r} differs from parent job {parent.id}'s {src}={theirs!r}, which its model was "
+                 f"trained and validated with; scores may differ from the parent's. Fix: drop {dst} from the "
+                 "request to inherit the parent's value, unless the change is meant.")
+        elif ours is not KEEP and ours != theirs:
             conflicts.append(f"{dst}={ours!r} (parent {src}={theirs!r})")
         elif ours is KEEP:
             set_path(spec, dst, theirs)

@@ -97,6 +97,8 @@ def _field_schema(f: dataclasses.Field, hint: Any) -> Dict[str, Any]:
         schema["x-automl"] = {**meta["automl"].to_schema(), "popular": bool(meta.get("popular"))}
     if meta.get("structural"):
         schema["x-structural"] = True
+    if meta.get("inherited"):
+        schema["x-inherited"] = True
     if meta.get("no_effect"):
         schema["description"] += " Has no effect here (a warning says so when it is set)."
         schema["x-no-effect"] = True

@@ -59,6 +59,10 @@ def test_train_evaluate_infer_export_quantize_chain(tiny_train_spec, tmp_path):
 
     evaluate = _done(bank, bank.create_job("evaluate", spec=spec, parent_job_id=train.id))
     assert _kpis(evaluate, "evaluate")["test_mAP50"] == pytest.approx(val_mAP50, abs=1e-6)
+    # Given only its test data, a child sees the images as the parent did (test-time resize, normalisation).
+    only_data = _done(bank, bank.create_job("evaluate", parent_job_id=train.id, overrides={
+        "dataset.test_data_sources": spec["dataset"]["val_data_sources"]}))
+    assert _kpis(only_data, "evaluate")["test_mAP50"] == pytest.approx(val_mAP50, abs=1e-6)
 
     inference = _done(bank, bank.create_job("inference", spec=spec, parent_job_id=train.id))
     out = _results(inference, "inference")

@@ -142,6 +142,20 @@ def test_fusion_computes_the_official_bi_attention(heads, text_len):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_training_after_an_inference_mode_forward_keeps_its_gradients():
+    """A model evaluated under torch.inference_mode and then trained (evaluate tests before training tests, or a
+    predictor in the same process) must not reuse inference tensors cached by the first forward."""
+    from grounding_dino.model.ms_deform_attn import MSDeformAttn
+
+    attention = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    shapes = [(4, 4), (2, 2)]
+    query, value, reference = torch.randn(1, 5, 32), torch.randn(1, 20, 32), torch.rand(1, 5, 2, 2)
+    with torch.inference_mode():
+        attention(query, reference, value, shapes)
+    attention(query, reference, value, shapes).sum().backward()
+    assert attention.sampling_offsets.weight.grad is not None
+
+
 def test_output_contract(model):
     text = model.tokenizer(["cat .", "a red car . a dog"])
     pixel_mask = torch.zeros(2, 64, 96, dtype=torch.bool)

@@ -31,9 +31,10 @@ def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], grids: Ten
 
 @functools.lru_cache(maxsize=64)
 def _level_scale(shapes: Tuple[Tuple[int, int], ...], heads: int, points: int, dtype: torch.dtype,
-                 device: torch.device) -> Tensor:
+                 device: torch.device, inference_mode: bool) -> Tensor:
     """2 / (width, height) of each level for every sampling-offset output. Cached: building it from Python numbers
-    copies host to device, which on a GPU waits for all queued work."""
+    copies host to device, which on a GPU waits for all queued work. Tensors made under torch.inference_mode can
+    never enter autograd, so the two modes keep separate entries (`inference_mode` is part of the key)."""
     size = torch.tensor([[w, h] for h, w in shapes], dtype=dtype)
     return (2.0 / size)[None, :, None, :].expand(heads, len(shapes), points, 2).reshape(-1).to(device)
 
@@ -85,7 +86,8 @@ class MSDeformAttn(nn.Module):
         if boxes:
             weight, bias = weight / points, bias / points
         else:
-            scale = _level_scale(tuple(spatial_shapes), heads, points, query.dtype, query.device)
+            scale = _level_scale(tuple(spatial_shapes), heads, points, query.dtype, query.device,
+                                 torch.is_inference_mode_enabled())
             weight, bias = weight * scale[:, None], bias * scale
         offsets = F.linear(query, weight, bias).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
