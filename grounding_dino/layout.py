@@ -9,9 +9,11 @@ Torch-free on purpose: the SDK imports this module the way it imports grounding_
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
@@ -24,7 +26,9 @@ JOB_RECORD = "job.json"
 JOB_SPEC = "spec.yaml"
 JOB_LOG = "log.txt"
 JOB_RESULTS = "results"
-JOB_LOCK = ".lock"
+JOB_LOCK = ".lock"  # held for a moment while job.json changes
+# Held (fcntl.flock) by the job's supervisor for its whole life, and holding its pid: one supervisor per job.
+JOB_SUPERVISOR_LOCK = "supervisor.lock"
 # The module a job's child process runs (`python -m <it> <job_dir>`); the SDK starts it by name, never imports it.
 JOB_PROCESS_MODULE = "runner.job_process"
 
@@ -37,6 +41,8 @@ CHECKPOINT_RE = re.compile(r"^model_epoch_(\d+)_step_(\d+)\.pth$")
 LATEST_LINK = "gdino_model_latest.pth"
 BEST_MODEL_DIR = "best_model"
 BEST_AUTOML = "best_automl.json"
+# Held (fcntl.flock) by the run writing the folder, and holding its pid: one run per results folder.
+RESULTS_LOCK = ".run.lock"
 # replace_atomically's temporary files: "." + final name + "." + tempfile's 8 random characters + ".tmp"
 TEMP_RE = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.tmp$")
 
@@ -108,3 +114,59 @@ def replace_atomically(path: PathLike, write: Union[str, bytes, Callable[[str], 
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+class LockHeld(Exception):
+    """Another process holds the lock file `path`; `pid` is the holder written in it (None if it cannot be read)."""
+
+    def __init__(self, path: PathLike, pid: Optional[int]):
+        super().__init__(f"{path} is held by pid {pid if pid is not None else '(unknown)'}")
+        self.path, self.pid = Path(path), pid
+
+
+def take_lock(path: PathLike) -> int:
+    """Take an exclusive fcntl.flock on `path` (created if missing) without waiting, and write this process's pid
+    into it; returns the open descriptor. The lock lasts until every copy of the descriptor is closed, which the
+    kernel does when its processes end, however they end: a killed holder never leaves a stale lock. Raises
+    LockHeld when another process holds it. The file is never removed: a process blocked on an unlinked file would
+    lock a name nobody else sees."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise LockHeld(path, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    set_lock_holder(fd, os.getpid())
+    return fd
+
+
+def set_lock_holder(fd: int, pid: int) -> None:
+    """Record `pid` as the holder of the lock open at `fd` (a lock handed to a child process names the child)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
+
+
+def _lock_holder(fd: int, patience_s: float = 1.0) -> Optional[int]:
+    """The pid written in a held lock file. A new holder writes it just after taking the lock, so until then the
+    file is empty or names the previous, finished holder: read again for up to `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        pid = int(text) if text.isdigit() else None
+        if (pid is not None and _pid_exists(pid)) or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.01)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,6 +1,7 @@
 """status.json: the JSON-lines progress file every action writes (NVIDIA TAO's format).
 
-One JSON object per line: `date` (M/D/YYYY), `time` (H:M:S), `status` (STARTED/RUNNING/SUCCESS/FAILURE/SKIPPED),
+One JSON object per line: `date` (M/D/YYYY), `time` (H:M:S), `status` (STARTED/RUNNING/SUCCESS/FAILURE/SKIPPED, and
+PREEMPTED: training stopped on SIGTERM/SIGUSR1 after saving a checkpoint, resumable; see grounding_dino.preemption),
 `verbosity`, `message`, then any extra fields (epoch lines: epoch, step, max_epoch, ...) and an optional `kpi` dict.
 Only global rank 0 writes; the caller says which rank it is. No torch import, so any action can reuse it.
 """
@@ -14,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
-STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "SKIPPED")
+STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "SKIPPED", "PREEMPTED")
 VERBOSITIES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 

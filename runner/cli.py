@@ -63,9 +63,12 @@ def job_cancel(args) -> int:
 def job_list(args) -> int:
     from sdk.jobs import describe
 
-    for line in describe(_bank(args).list_jobs()):
+    problems: list[str] = []
+    for line in describe(_bank(args).list_jobs(problems)):
         print(line)
-    return 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def job_wait(args) -> int:
@@ -138,12 +141,6 @@ def data_cmd(args) -> int:
     return data_main(["--help"] if args.data_help else args.data_args)
 
 
-def skills_cmd(args) -> int:
-    from runner.skills_eval import main as skills_main
-
-    return skills_main(["--help"] if args.skills_help else args.skills_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillbank", description="Grounding DINO skill bank: jobs, preflight, "
                                                                    "schemas.")
@@ -183,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
     cancel.set_defaults(func=job_cancel)
-    job.add_parser("list", help="list the workspace's jobs").set_defaults(func=job_list)
-    start = job.add_parser("start", help="start a pending job, or restart an error/canceled one (train resumes)")
+    job.add_parser("list", help="list the workspace's jobs (exit 1 when a job.json cannot be read: the others are "
+                                "still listed)").set_defaults(func=job_list)
+    start = job.add_parser("start", help="start a pending job, or restart an error, canceled or preempted one (train "
+                                         "resumes from its newest checkpoint); exit 2 if it is already running")
     start.add_argument("job_id")
     start.set_defaults(func=job_start)
 
@@ -223,12 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("-h", "--help", action="store_true", dest="runner_help")
     runner.add_argument("runner_args", nargs=argparse.REMAINDER)
     runner.set_defaults(func=runner_cmd)
-
-    skills = commands.add_parser("skills", help="skill evals: `skillbank skills eval [--skill NAME] [--task ID] "
-                                                "[--agent CMD]`", add_help=False)
-    skills.add_argument("-h", "--help", action="store_true", dest="skills_help")
-    skills.add_argument("skills_args", nargs=argparse.REMAINDER)
-    skills.set_defaults(func=skills_cmd)
     return parser
 
 

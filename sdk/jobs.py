@@ -4,10 +4,19 @@ The folder holds `job.json` (the record below), `spec.yaml` (the resolved spec),
 and stderr) and `results/` (the action's results_dir). A request is checked completely (spec, parent, mappings,
 AutoML policy, preflight) before the folder exists, so a bad request leaves nothing behind.
 
-States: pending -> running -> done | error | canceled. The child `python -m runner.job_process <job_dir>`
-supervises a worker process and records how it ended; if the child itself dies, the next status read notices
-its pid is gone and marks the job error. job.json is replaced atomically and changed under a file lock, and a
-final state is never overwritten (a cancel racing a finishing job keeps whichever landed first).
+States: pending -> running -> done | error | canceled | preempted. The child `python -m runner.job_process
+<job_dir>` (the supervisor) runs a worker process and records how it ended; `start` restarts an error, canceled or
+preempted job in its folder (train resumes from its newest checkpoint). job.json is replaced atomically and changed
+under a file lock, and a final state is never overwritten (a cancel racing a finishing job keeps whichever landed
+first).
+
+Faults: a job has one supervisor. `start` takes the job's supervisor lock (layout.JOB_SUPERVISOR_LOCK, an
+fcntl.flock) and hands it to the supervisor, which holds it for its life, so a second start, however close in time,
+is refused with the holder's pid. The worker runs in its own process group (its DDP ranks, data loaders and AutoML
+trials with it) and dies with its supervisor (PR_SET_PDEATHSIG); job.json records both pids and start times. When
+the supervisor is gone without recording an outcome, the next status read marks the job error ("supervisor died")
+and kills what is left of the worker's group; cancel and start kill that group too. Preemption (SIGTERM or SIGUSR1
+to the supervisor) is passed to the worker: train saves a checkpoint and the job ends `preempted`.
 """
 from __future__ import annotations
 
@@ -27,7 +36,8 @@ from typing import Any, Iterable, Optional
 
 from grounding_dino.config import secret_keys
 from grounding_dino.layout import (JOB_LOCK, JOB_LOG, JOB_PROCESS_MODULE, JOB_RECORD, JOB_RESULTS, JOB_SPEC,
-                                  read_job_spec, replace_atomically)
+                                  JOB_SUPERVISOR_LOCK, LockHeld, read_job_spec, replace_atomically, set_lock_holder,
+                                  take_lock)
 from sdk import mappings, preflight
 from sdk.automl_policy import AutomlDecision, decide as decide_automl
 from sdk.errors import SkillBankError
@@ -35,7 +45,8 @@ from sdk.skill_info import load_skill_info
 from sdk.spec import (apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, set_path,
                       validate)
 
-FINAL = ("done", "error", "canceled")
+FINAL = ("done", "error", "canceled", "preempted")
+STARTABLE = ("pending", "error", "canceled", "preempted")
 REQUEST_KEYS = ("parent_epoch", "parent_step")  # request settings given like overrides, not spec keys
 SECRET_KEYS = secret_keys()  # config.py's secret=True keys: kept out of spec.yaml, job.json and the log
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +80,22 @@ def now() -> str:
 
 
 def read_job(job_dir: Path) -> dict:
-    return json.loads((Path(job_dir) / JOB_RECORD).read_text())
+    """job.json; raises SkillBankError naming the file when it is not a job record (edited or damaged by hand:
+    the SDK only ever replaces it whole)."""
+    path = Path(job_dir) / JOB_RECORD
+    try:
+        record = json.loads(path.read_bytes())
+        problem = None if isinstance(record, dict) else f"holds a JSON {type(record).__name__}, not an object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem = f"is not valid JSON ({err})"
+    if problem is None:
+        missing = [key for key in ("id", "action", "status") if not isinstance(record.get(key), str)]
+        problem = f"lacks {', '.join(missing)}" if missing else None
+    if problem is not None:
+        raise SkillBankError(f"{path} {problem}: the job's record is damaged and the job cannot be read. Its spec "
+                             f"and results are still in {path.parent}. Fix: restore the file from a backup, or "
+                             "move the folder out of the workspace if the job is no longer needed.")
+    return record
 
 
 @contextmanager
@@ -110,7 +136,7 @@ def last_log_lines(job_dir: Path, count: int = 5) -> list[str]:
 # processes
 
 
-def _start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> Optional[str]:
     """The kernel's start time of `pid` (tells a live job from a recycled pid), None if unknown or gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -120,10 +146,60 @@ def _start_time(pid: int) -> Optional[str]:
     return None if fields[0] == "Z" else fields[19]
 
 
+def die_with_parent(parent_pid: int, parent: str) -> None:
+    """Have Linux SIGKILL this process when its parent exits (PR_SET_PDEATHSIG), and exit now if `parent` (its
+    pid, which says what it is in the message) is already gone: a killed supervisor or AutoML driver leaves no
+    training behind. A rank that Lightning's DDP relaunched runs the same command line as its rank 0 but is rank
+    0's child: it dies with rank 0, which is the one `parent_pid` names."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        parent_pid = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the prctl took effect
+        sys.exit(f"{parent} (pid {parent_pid}) is gone; not starting")
+
+
+def kill_worker_group(record: dict, timeout_s: float = 10.0) -> bool:
+    """SIGKILL the process group of the job's recorded worker (its training, DDP ranks, data loaders, AutoML
+    trials) and wait until it is gone; returns whether there was one. Skipped when the worker's pid now belongs to
+    another process (its start time differs): a pid is not reused while its process group lives, so a dead worker's
+    pid still names the group of its leftovers."""
+    pid = record.get("worker_pid")
+    if not pid:
+        return False
+    current = process_start_time(pid)
+    if current is not None and current != record.get("worker_pid_start"):
+        return False
+    if not _signal_group(pid, signal.SIGKILL):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` runs (zombies, dead but not yet reaped, do not count)."""
+    if not Path("/proc").is_dir():
+        return _signal_group(pgid, 0)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
 def process_alive(pid: int, start_time: Optional[str] = None) -> bool:
     """Whether `pid` runs; with `start_time` (from /proc), also that it is the same process, not a reused pid."""
     if Path("/proc").is_dir():
-        current = _start_time(pid)
+        current = process_start_time(pid)
         return current is not None and (start_time is None or current == start_time)
     try:
         os.kill(pid, 0)
@@ -192,12 +268,11 @@ class SkillBank:
             job_id = f"{action}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
             job_dir = self.jobs_dir / job_id
             spec_out = json.loads(json.dumps(resolved))
-            warnings: list[str] = []
-            carried = (mappings.carry_forward(action, spec_out, user_spec, parent, warn=warnings.append)
-                       if parent else [])
+            carried = mappings.carry_forward(action, spec_out, user_spec, parent) if parent else []
             context = mappings.MappingContext(action, spec_out, job_dir, parent, parent_epoch, parent_step)
             filled = mappings.apply_mappings(context, spec_params)
             self._check_outputs(spec_out, action, job_dir)
+            warnings: list[str] = []
             preflight.check(spec_out, action, action_info.inputs, action_info.data_sources,
                             parent_spec=mappings.parent_settings(parent) if parent else None, warn=warnings.append)
             secret = {k: get_path(spec_out, k, None) for k in SECRET_KEYS if get_path(spec_out, k, None)}
@@ -261,26 +336,42 @@ class SkillBank:
     # -- running -------------------------------------------------------------------------------------------------
 
     def start(self, job_id: str, _secret: Optional[dict] = None) -> Job:
-        """Launch a pending job, or restart an error/canceled one in its folder (train resumes from its newest
-        checkpoint: resume_model and ptm_if_no_resume_model are resolved again)."""
+        """Launch a pending job, or restart an error, canceled or preempted one in its folder (train resumes from
+        its newest checkpoint: resume_model and ptm_if_no_resume_model are resolved again).
+
+        Raises SkillBankError "already running (pid N)" while the job has a supervisor: the supervisor lock is taken
+        here and handed to the supervisor, so of any number of concurrent starts exactly one launches."""
         job_dir = self._dir(job_id)
-        record = self.status(job_id).record
-        if record["status"] not in ("pending", "error", "canceled"):
-            raise SkillBankError(f"job {job_id} is {record['status']}; only pending, error or canceled jobs start.")
-        if record["status"] != "pending":
-            self._reresolve(job_dir, record)
-        env = dict(os.environ)
-        secret = _secret or {}
-        if secret.get("encryption_key"):
-            env[mappings.ENCRYPTION_KEY_ENV] = secret["encryption_key"]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        with open(job_dir / JOB_LOG, "ab") as log:
-            child = subprocess.Popen(
-                [sys.executable, "-m", JOB_PROCESS_MODULE, str(job_dir)], cwd=job_dir, env=env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self._children[job_id] = child
-        update_job(job_dir, pid=child.pid, pid_start=_start_time(child.pid))
+        try:
+            lock = take_lock(job_dir / JOB_SUPERVISOR_LOCK)
+        except LockHeld as held:
+            raise SkillBankError(f"job {job_id} is already running (pid {held.pid if held.pid else 'unknown'}, "
+                                 f"which holds {held.path}). Fix: wait for it (skillbank job wait {job_id}) or stop "
+                                 f"it (skillbank job cancel {job_id}) before starting it again.") from None
+        try:
+            record = self.status(job_id).record  # under the lock: a supervisor that died is noticed here
+            if record["status"] not in STARTABLE:
+                raise SkillBankError(f"job {job_id} is {record['status']}; only pending, error, canceled or "
+                                     "preempted jobs start.")
+            kill_worker_group(record)  # left by an earlier supervisor, it would train beside the new worker
+            if record["status"] != "pending":
+                self._reresolve(job_dir, record)
+            env = dict(os.environ)
+            secret = _secret or {}
+            if secret.get("encryption_key"):
+                env[mappings.ENCRYPTION_KEY_ENV] = secret["encryption_key"]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+            with open(job_dir / JOB_LOG, "ab") as log:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", JOB_PROCESS_MODULE, str(job_dir), "--lock-fd", str(lock)], cwd=job_dir,
+                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    pass_fds=(lock,),
+                )
+            set_lock_holder(lock, child.pid)
+            self._children[job_id] = child
+            update_job(job_dir, pid=child.pid, pid_start=process_start_time(child.pid))
+        finally:
+            os.close(lock)  # the supervisor's copy keeps the lock
         return self._job(job_dir)
 
     def _reresolve(self, job_dir: Path, record: dict) -> None:
@@ -290,12 +381,14 @@ class SkillBank:
         mappings.apply_mappings(mappings.MappingContext(record["action"], spec, job_dir), params)
         dump_spec(spec, job_dir / JOB_SPEC)
         update_job(job_dir, restart=True, status="pending", error=None, exit_code=None, finished_at=None,
-                   cancel_requested=False, pid=None, pid_start=None)
+                   cancel_requested=False, preempted=None, pid=None, pid_start=None, worker_pid=None,
+                   worker_pid_start=None)
 
     # -- following -----------------------------------------------------------------------------------------------
 
     def status(self, job_id: str) -> Job:
-        """The job's record; a job whose process is gone without recording an outcome is marked error."""
+        """The job's record. A job whose supervisor is gone without recording an outcome is marked error
+        ("supervisor died", restartable with `start`), and what is left of its worker's process group is killed."""
         job_dir = self._dir(job_id)
         record = read_job(job_dir)
         child = self._children.get(job_id)
@@ -308,21 +401,33 @@ class SkillBank:
                 record = read_job(job_dir)  # it may have finished between the two reads
                 if record["status"] not in FINAL:
                     code = child.returncode if child is not None else None
-                    how = f" ({_describe_exit(code)})" if code is not None else ""
+                    how = f", {_describe_exit(code)}" if code is not None else ""
+                    stopped = (f"; its worker's process group {record['worker_pid']} was killed"
+                               if kill_worker_group(record) else "")
                     record = update_job(job_dir, status="error", finished_at=now(), exit_code=code, error=(
-                        f"the job process {record['pid']} exited without recording a result{how}; last log lines: "
-                        + " | ".join(last_log_lines(job_dir))))
+                        f"supervisor died (pid {record['pid']}{how}) before recording how the job ended{stopped}. "
+                        f"Fix: `skillbank job start {job_id}` restarts it (train resumes from its newest "
+                        "checkpoint). Last log lines: " + " | ".join(last_log_lines(job_dir))))
         return Job(record["id"], record["action"], record["status"], job_dir, record)
 
     def logs(self, job_id: str, tail: Optional[int] = None) -> str:
         text = (self._dir(job_id) / JOB_LOG).read_text(errors="replace")
         return "\n".join(text.splitlines()[-tail:]) + "\n" if tail else text
 
-    def list_jobs(self) -> list[Job]:
+    def list_jobs(self, problems: Optional[list[str]] = None) -> list[Job]:
+        """The workspace's jobs, oldest first. A job whose job.json cannot be read is left out, and its message
+        (naming the file) appended to `problems` when given: one damaged record must not hide the others."""
         if not self.jobs_dir.is_dir():
             return []
-        jobs = [self.status(p.name) for p in self.jobs_dir.iterdir() if (p / JOB_RECORD).is_file()]
-        return sorted(jobs, key=lambda j: j.record["created_at"])
+        jobs = []
+        for folder in self.jobs_dir.iterdir():
+            if (folder / JOB_RECORD).is_file():
+                try:
+                    jobs.append(self.status(folder.name))
+                except SkillBankError as err:
+                    if problems is not None:
+                        problems.append(str(err))
+        return sorted(jobs, key=lambda j: j.record.get("created_at") or "")
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll_s: float = 0.2) -> Job:
         """Block until the job is done, error or canceled (or `timeout` seconds pass); returns its record."""
@@ -334,9 +439,12 @@ class SkillBank:
             time.sleep(poll_s)
 
     def cancel(self, job_id: str, grace_s: float = 5.0) -> Job:
-        """SIGTERM the job's process group, SIGKILL it after `grace_s`, and mark the job canceled."""
+        """SIGTERM the supervisor, which passes it to the worker (a training saves a checkpoint at its next step);
+        after `grace_s`, SIGKILL both process groups. Mark the job canceled. The worker's group is killed whatever
+        the job's state, also when an earlier supervisor left it."""
         job = self.status(job_id)
         if job.status in FINAL:
+            kill_worker_group(job.record)
             return job
         record = update_job(job.path, cancel_requested=True)
         pid = record.get("pid")
@@ -349,6 +457,7 @@ class SkillBank:
                 _signal_group(pid, signal.SIGKILL)
                 while self._running(job_id, pid, record):
                     time.sleep(0.05)
+        kill_worker_group(read_job(job.path))  # read again: the worker may have started after the first read
         update_job(job.path, status="canceled", finished_at=now(), error=None)
         self._children.pop(job_id, None)
         return self.status(job_id)
@@ -374,11 +483,13 @@ class SkillBank:
         return Job(record["id"], record["action"], record["status"], job_dir, record)
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to process group `pgid`; False when the group does not exist."""
     try:
-        os.killpg(pid, sig)
+        os.killpg(pgid, sig)
     except ProcessLookupError:
-        pass
+        return False
+    return True
 
 
 def _describe_exit(code: int) -> str:

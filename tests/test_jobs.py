@@ -96,7 +96,8 @@ def test_killed_job_process_is_noticed_by_status(workspace, tiny_data, monkeypat
     job = _running_job(bank, tiny_data, monkeypatch)
     os.killpg(job.record["pid"], signal.SIGKILL)
     done = bank.wait(job.id, timeout=30)
-    assert done.status == "error" and "without recording a result" in done.error and "SIGKILL" in done.error
+    assert done.status == "error" and "supervisor died" in done.error and "SIGKILL" in done.error
+    assert f"skillbank job start {job.id}" in done.error
     # A different process (the CLI, later) only sees a pid that is gone, and keeps the recorded error.
     assert SkillBank(workspace).status(job.id).status == "error"
 
@@ -167,6 +168,6 @@ def test_restart_resumes_from_the_jobs_own_checkpoint(workspace, tiny_data, monk
     spec = (job.path / "spec.yaml").read_text()
     assert str(folder / "model_epoch_001_step_00002.pth") in spec
     assert str(ptm) not in spec  # resuming restores every weight: no pretrained model
-    with pytest.raises(SkillBankError, match="only pending, error or canceled"):
+    with pytest.raises(SkillBankError, match=r"already running \(pid \d+"):
         bank.start(job.id)
     assert bank.cancel(job.id).status == "canceled"

@@ -8,6 +8,11 @@ grounding_dino.errors.UserError before anything is written.
 Training is the exception to the bookkeeping: its status lines come per epoch from Lightning, on rank 0 only
 (grounding_dino.callbacks.StatusLogger).
 
+One run per results folder: the launching process holds an exclusive lock on `<results folder>/.run.lock` (layout.
+RESULTS_LOCK) from before experiment.yaml is written until the action ends, and a second run on the folder is
+refused with the holder's pid (a UserError). The other ranks of a distributed run share the folder with rank 0 and
+take no lock. A preempted training (grounding_dino.preemption) ends with exit code 0 and a PREEMPTED status line.
+
 Each registry entry names its function as "module:function", imported on first use, so importing this package (the
 CLIs do it before anything heavy) never imports torch. An action function takes the ExperimentConfig and the
 `ActionRun` (its results folder and the Report it fills for the SUCCESS line).
@@ -19,15 +24,18 @@ import dataclasses
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import yaml
 
 from grounding_dino.config import (ACTION_SECTIONS, ACTIONS, ExperimentConfig, load_experiment, no_effect_settings,
                                    secret_keys, to_dict)
-from grounding_dino.layout import EXPERIMENT_FILE, STATUS_FILE, replace_atomically, results_dir_for
+from grounding_dino.errors import UserError
+from grounding_dino.layout import (EXPERIMENT_FILE, RESULTS_LOCK, STATUS_FILE, LockHeld, replace_atomically,
+                                   results_dir_for, take_lock)
 from grounding_dino.status import Report, StatusWriter, reported
 
 from . import precheck
@@ -56,6 +64,11 @@ assert set(REGISTRY) == set(ACTIONS), "every spec action has exactly one entry"
 
 class ActionError(LookupError):
     """The requested action cannot be run by this backend."""
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption signal after saving a checkpoint (grounding_dino.preemption raises it);
+    `str(error)` says which signal, the checkpoint and how to resume. run_action turns it into exit code 0."""
 
 
 @dataclass
@@ -127,12 +140,43 @@ def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **
     if REGISTRY[action].precheck is not None:
         REGISTRY[action].precheck(cfg)
     run = ActionRun(results_dir_for(action, cfg))
-    write_experiment(run.results_dir, cfg)
-    activity = REGISTRY[action].activity
-    if activity is None:
-        function(cfg, run, **options)
-        return 0
-    with reported(StatusWriter(run.results_dir / STATUS_FILE), activity) as report:
-        run.report = report
-        function(cfg, run, **options)
+    with _results_lock(run.results_dir):
+        write_experiment(run.results_dir, cfg)
+        activity = REGISTRY[action].activity
+        if activity is None:
+            try:
+                function(cfg, run, **options)
+            except Preempted as stop:  # a normal end: the checkpoint is saved and the status line written
+                print(stop, file=sys.stderr)
+            return 0
+        with reported(StatusWriter(run.results_dir / STATUS_FILE), activity) as report:
+            run.report = report
+            function(cfg, run, **options)
     return 0
+
+
+def _launching_process() -> bool:
+    """False in the other ranks of a distributed run: Lightning relaunches the command line with LOCAL_RANK set,
+    torchrun sets RANK, a multi-node run NODE_RANK, srun SLURM_PROCID. They write the folder together with rank 0,
+    whose lock covers them; taking it too would refuse them."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+@contextmanager
+def _results_lock(results_dir: Path) -> Iterator[None]:
+    """Hold the results folder's lock for the run (see the module docstring); nothing else is written before it."""
+    if not _launching_process():
+        yield
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = take_lock(results_dir / RESULTS_LOCK)
+    except LockHeld as held:
+        holder = f"pid {held.pid}" if held.pid is not None else "a process whose pid could not be read"
+        raise UserError(f"results folder {results_dir} is in use by another run ({holder}, lock file {held.path}): "
+                        "two runs would write the same checkpoints and status.json. Nothing was written. Fix: wait "
+                        "for that run to end or stop it, or set results_dir to another folder") from None
+    try:
+        yield
+    finally:
+        os.close(fd)

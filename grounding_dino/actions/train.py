@@ -31,6 +31,7 @@ from grounding_dino.data import build_dataloader
 from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
 from grounding_dino.model.checkpoint import (Checkpoint, load_file, load_weights, read_checkpoint,
                                              settle_model_config)
+from grounding_dino.preemption import PreemptionCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
             ReproducibleEpochs(train.seed),
             StatusLogger(results_dir, train.num_epochs),
             LearningRateMonitor(logging_interval="epoch"),
+            PreemptionCheckpoint(),
             *callbacks,
         ],
     )

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from grounding_dino.actions import redacted
 from grounding_dino.layout import checkpoints_at_step
 from grounding_dino.status import json_safe
 from runner.automl.study import CHECKPOINT_ATTR, open_storage, open_study
+from sdk.jobs import die_with_parent
 from sdk.mappings import ENCRYPTION_KEY_ENV
 
 RESULT_FILE = "automl_trial.json"
@@ -87,17 +87,6 @@ def _best_validation(trial: optuna.Trial, history: List[List[float]], trial_dir:
 # the child process
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when the driver dies; if it already died, stop now."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        sys.exit(f"the AutoML driver (pid {parent_pid}) is gone; not training")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.automl.training",
                                      description="Train one AutoML trial (started by the AutoML driver).")
@@ -106,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--parent-pid", type=int, help="the driver's pid: exit when it dies")
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
-        _die_with_parent(args.parent_pid)
+        die_with_parent(args.parent_pid, "the AutoML driver")
 
     from grounding_dino.actions import run_action
     from grounding_dino.errors import UserError
