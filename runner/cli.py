@@ -141,6 +141,12 @@ def data_cmd(args) -> int:
     return data_main(["--help"] if args.data_help else args.data_args)
 
 
+def skills_cmd(args) -> int:
+    from runner.skills_eval import main as skills_main
+
+    return skills_main(["--help"] if args.skills_help else args.skills_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillbank", description="Grounding DINO skill bank: jobs, preflight, "
                                                                    "schemas.")
@@ -222,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("-h", "--help", action="store_true", dest="runner_help")
     runner.add_argument("runner_args", nargs=argparse.REMAINDER)
     runner.set_defaults(func=runner_cmd)
+
+    skills = commands.add_parser("skills", help="skill evals: `skillbank skills eval [--skill NAME] [--task ID] "
+                                                "[--agent CMD]`", add_help=False)
+    skills.add_argument("-h", "--help", action="store_true", dest="skills_help")
+    skills.add_argument("skills_args", nargs=argparse.REMAINDER)
+    skills.set_defaults(func=skills_cmd)
     return parser
 
 

@@ -268,11 +268,12 @@ class SkillBank:
             job_id = f"{action}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
             job_dir = self.jobs_dir / job_id
             spec_out = json.loads(json.dumps(resolved))
-            carried = mappings.carry_forward(action, spec_out, user_spec, parent) if parent else []
+            warnings: list[str] = []
+            carried = (mappings.carry_forward(action, spec_out, user_spec, parent, warn=warnings.append)
+                       if parent else [])
             context = mappings.MappingContext(action, spec_out, job_dir, parent, parent_epoch, parent_step)
             filled = mappings.apply_mappings(context, spec_params)
             self._check_outputs(spec_out, action, job_dir)
-            warnings: list[str] = []
             preflight.check(spec_out, action, action_info.inputs, action_info.data_sources,
                             parent_spec=mappings.parent_settings(parent) if parent else None, warn=warnings.append)
             secret = {k: get_path(spec_out, k, None) for k in SECRET_KEYS if get_path(spec_out, k, None)}
