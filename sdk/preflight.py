@@ -15,6 +15,7 @@ from typing import Optional
 
 from grounding_dino.formats import (FormatError, NotJson, TokenCounter, caption_tokens, check_coco, coco_categories,
                                     load_coco, minilm_folder, normalize_name, read_label_map, read_odvg)
+from grounding_dino.model.hub import looks_like_id
 from sdk.data_sources import data_source_keys, is_archive, is_s3
 from sdk.errors import SkillBankError
 from sdk.spec import expand_key, get_path
@@ -125,6 +126,12 @@ def _check_path(key: str, value: str, kind: str, extracted: bool, stage: str) ->
     path = Path(value)
     if is_s3(value):
         return [_error("path_not_fetched", key, f"{value} was not fetched.", "check the S3 URI.")]
+    if kind == "model" and not path.exists():
+        if looks_like_id(value, allow_file=True):
+            return []  # a Hugging Face id: the backend's pre-check fetches it, with the hub's own errors
+        return [_error("path_missing", key, f"{value} does not exist here and is not a Hugging Face model id.",
+                       f"point {key} at an existing checkpoint file or GroundingDino folder, or give a Hugging Face "
+                       "id such as IDEA-Research/grounding-dino-tiny (or org/name/file.pth).")]
     if not path.exists():
         return [_error("path_missing", key, f"{value} does not exist.", f"point {key} at an existing {kind}.")]
     if kind == "folder" and not path.is_dir():

@@ -19,7 +19,7 @@ from sdk.errors import SkillBankError
 # The folder holding skills/, schemas/, references/ and examples/: one lookup for a checkout, where the package's
 # entries link to the repository's folders, and for an installed wheel, where they are copies.
 BANK_ROOT = Path(importlib.resources.files("grounding_dino_skillbank"))
-INPUT_TYPES = ("file", "folder", "list")
+INPUT_TYPES = ("file", "folder", "list", "model")  # model: a local file or folder, or a Hugging Face id
 RUNTIMES = (None, "extracted_folder")
 
 

@@ -637,7 +637,8 @@ def _source_of(act: ActionInfo, pattern: str) -> Optional[str]:
 def _missing_message(act: ActionInfo, pattern: str, key: str, kind: str) -> str:
     source = _source_of(act, pattern)
     what = f"missing required data source ({source})" if source else "missing required input"
-    example = {"file": "/path/to/file", "folder": "/path/to/folder", "list": "[...]"}[kind]
+    example = {"file": "/path/to/file", "folder": "/path/to/folder", "list": "[...]",
+               "model": "/path/to/model.pth"}[kind]
     return f"{what}: the {act.name} action needs this {kind}; set it in the spec or override {key}={example}"
 
 

@@ -88,22 +88,27 @@ def test_evaluate_equals_the_training_validation(trained, tmp_path):
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_architecture(tiny_train_spec, tmp_path):
+    """run_action's pre-check refuses it with the key, the path and each contradicted setting, before anything is
+    written."""
     import torch
 
     from grounding_dino.actions import run_action
+    from grounding_dino.errors import UserError
 
     checkpoint = tmp_path / "other.pth"
     saved = dict(config(make_spec(tiny_train_spec, tmp_path)).model.__dict__, num_queries=300)
-    torch.save({"model": {}, "model_config": saved}, checkpoint)
-    spec = make_spec(tiny_train_spec, tmp_path, **{"evaluate.checkpoint": str(checkpoint)})
-    with pytest.raises(ValueError, match=r"other model settings.*\n  model.num_queries: checkpoint 300, spec 100"):
-        run_action("evaluate", config(spec))
-    status = read_status(tmp_path / "evaluate" / "status.json")
-    assert status[-1]["status"] == "FAILURE" and "num_queries" in status[-1]["message"]
-    spec["evaluate"]["checkpoint"] = str(tmp_path / "model.bin")
+    torch.save({"model": {"class_embed.bias": torch.zeros(1)}, "model_config": saved}, checkpoint)
     (tmp_path / "model.bin").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"unknown model file type '.bin'"):
+    spec = make_spec(tiny_train_spec, tmp_path, **{"evaluate.checkpoint": str(checkpoint)})
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=rf"^evaluate.checkpoint {checkpoint} was trained with other model settings"
+                                        r".*\n  model.num_queries: checkpoint 300, spec 100$"):
         run_action("evaluate", config(spec))
+    spec["evaluate"]["checkpoint"] = str(tmp_path / "model.bin")
+    with pytest.raises(UserError, match=rf"^evaluate.checkpoint: {tmp_path / 'model.bin'}: unknown model file type "
+                                        r"'.bin'"):
+        run_action("evaluate", config(spec))
+    assert sorted(tmp_path.rglob("*")) == before, "a refused run wrote files"
 
 
 def test_eighty_classes_run_as_several_prompts(tiny_train_spec, tmp_path):

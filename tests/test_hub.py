@@ -240,6 +240,37 @@ def test_offline_uses_the_cache_and_names_what_is_missing(online, hub):
         assert "HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE" in message
 
 
+def test_a_hub_id_runs_through_the_grounding_dino_cli(hub, tmp_path):
+    """evaluate.checkpoint=<hub id> through the CLI a user runs: the SDK's preflight lets the id pass, the pre-check
+    fetches it and takes its model settings (the spec sets none), and evaluate scores it."""
+    import yaml
+
+    from grounding_dino.data.synthetic import generate
+
+    paths = generate(str(tmp_path / "data"), num_train=0, num_val=2, image_size=96, max_objects=2, seed=0,
+                     colors=("red",), shapes=("circle", "square"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"dataset": {"test_data_sources": {"image_dir": paths["val_image_dir"],
+                                                                      "json_file": paths["val_json_file"]},
+                                                "workers": 0}}))
+    cli = Path(sys.executable).with_name("grounding_dino")
+    done = subprocess.run([str(cli), "evaluate", "-e", str(spec), f"evaluate.checkpoint={GDINO_ID}",
+                           f"results_dir={tmp_path / 'results'}", "dataset.augmentation.test_random_resize=96",
+                           "dataset.augmentation.random_resize_max_size=128"],
+                          env=hub["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "results" / "evaluate" / "results.json").read_text())
+    assert 0.0 <= results["mAP50"] <= 1.0
+    fetched = [path for method, path in hub["requests"] if method == "GET" and "/resolve/" in path]
+    assert any(path.endswith(f"{GDINO_ID}/resolve/{COMMIT}/model.safetensors") for path in fetched)
+    unknown = subprocess.run([str(cli), "evaluate", "-e", str(spec), "evaluate.checkpoint=tiny-org/no-such-model",
+                              f"results_dir={tmp_path / 'unknown'}"],
+                             env=hub["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr
+    assert "evaluate.checkpoint 'tiny-org/no-such-model': no such model on http://127.0.0.1" in unknown.stderr
+    assert not (tmp_path / "unknown").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # local files and folders (no hub)
 
@@ -309,7 +340,7 @@ def test_a_pickle_with_python_objects_is_refused_in_one_line(repos, tmp_path):
 
     path = tmp_path / "groundingdino_with_args.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-4)}, path)
-    expected = (f"refused: {path}: the file holds Python objects, not tensors (torch.load weights_only); re-save "
+    expected = (f"{path}: refused: the file holds Python objects, not tensors (torch.load weights_only); re-save "
                 "its state_dict with torch.save(model.state_dict(), path)")
     with pytest.raises(ValueError) as err:
         read_checkpoint(path, "train.pretrained_model_path")

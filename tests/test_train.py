@@ -395,10 +395,21 @@ def test_pretrained_weights_load_and_resume_checks(two_epochs, tiny_train_spec, 
         build_module(_config(other), saved)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         build_module(_config(spec), {"model": saved["state_dict"]})
+    # through run_action, the pre-check refuses the same mistakes before anything is written
+    from grounding_dino.errors import UserError
+
+    before = sorted(tmp_path.rglob("*"))
     missing = tiny_spec(tiny_train_spec, tmp_path,
                         **{"train.resume_training_checkpoint_path": str(tmp_path / "nope.pth")})
-    with pytest.raises(FileNotFoundError, match="resume_training_checkpoint_path"):
+    with pytest.raises(UserError, match=f"^train.resume_training_checkpoint_path: {tmp_path / 'nope.pth'} does "
+                                        "not exist"):
         run_action("train", _config(missing))
+    for key in ("train.resume_training_checkpoint_path", "train.pretrained_model_path"):
+        contradicting = tiny_spec(tiny_train_spec, tmp_path, **{key: str(latest), "model.num_queries": 120})
+        with pytest.raises(UserError, match=f"^{key} {latest} was trained with other model settings"
+                                            ".*\n  model.num_queries: checkpoint 100, spec 120$"):
+            run_action("train", _config(contradicting))
+    assert sorted(tmp_path.rglob("*")) == before, "a refused run wrote files"
 
 
 def test_fsdp_on_cpu_is_refused(tiny_train_spec, tmp_path):

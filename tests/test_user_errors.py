@@ -60,7 +60,8 @@ class Files:
         return str(path)
 
     def foreign_checkpoint(self, name: str = "other_arch.pth") -> str:
-        """A checkpoint of ours whose saved model settings differ from the default spec's (num_queries 50)."""
+        """A checkpoint of ours saved with num_queries 50. A spec that leaves num_queries at its default takes the
+        checkpoint's value; one that sets another (SPEC_QUERIES) contradicts it."""
         import torch
 
         saved = dataclasses.asdict(gd_config.ModelConfig())
@@ -139,6 +140,8 @@ def _bad_json_line(f: Files) -> str:
     return f.write("broken_odvg.jsonl", "\n".join([lines[0], "{\"file_name\": \"b.jpg\", ", *lines[1:]]) + "\n")
 
 
+# The spec sets num_queries, so a checkpoint saved with another value is a real contradiction, not a default to fill.
+SPEC_QUERIES = "model.num_queries=300"
 NO_TRT = pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: the engine would be tried for real")
 TRAIN0 = "dataset.train_data_sources[0]"
 CASES = [
@@ -192,13 +195,14 @@ CASES = [
     Case("gen-trt-engine-without-tensorrt", "gen_trt_engine",
          lambda f: ([], "gen_trt_engine.onnx_file", str(f.root / "model.onnx")), [NO_TRT]),
     Case("evaluate-checkpoint-of-another-architecture", "evaluate",
-         lambda f: ([f"evaluate.checkpoint={f.foreign_checkpoint()}"], "evaluate.checkpoint",
+         lambda f: ([f"evaluate.checkpoint={f.foreign_checkpoint()}", SPEC_QUERIES], "evaluate.checkpoint",
                     str(f.root / "other_arch.pth"))),
     Case("export-checkpoint-of-another-architecture", "export",
-         lambda f: ([f"export.checkpoint={f.foreign_checkpoint()}"], "export.checkpoint",
+         lambda f: ([f"export.checkpoint={f.foreign_checkpoint()}", SPEC_QUERIES], "export.checkpoint",
                     str(f.root / "other_arch.pth"))),
     Case("pretrained-model-of-another-architecture", "train",
-         lambda f: ([f"train.pretrained_model_path={f.foreign_checkpoint()}"], "train.pretrained_model_path",
+         lambda f: ([f"train.pretrained_model_path={f.foreign_checkpoint()}", SPEC_QUERIES],
+                    "train.pretrained_model_path",
                     str(f.root / "other_arch.pth"))),
     Case("resume-from-a-checkpoint-that-is-not-a-training-checkpoint", "train",
          lambda f: ([f"train.resume_training_checkpoint_path={f.foreign_checkpoint()}"],
@@ -214,10 +218,7 @@ CASES = [
                     str(f.root / "notes.pth"))),
     Case("checkpoint-holding-python-code", "export",
          lambda f: ([f"export.checkpoint={_python_code_checkpoint(f)}"], "export.checkpoint",
-                    "refused: the file holds Python objects, not tensors"),
-         [pytest.mark.xfail(strict=True, reason="the 'refused: ...' message belongs to the central checkpoint "
-                                                "loader being written in grounding_dino/model/checkpoint.py; the "
-                                                "pre-check reads with torch.load until it lands")]),
+                    f"{f.root / 'code.pth'}: refused: the file holds Python objects, not tensors")),
     Case("category-ids-not-0-based", "evaluate",
          lambda f: ([f"dataset.test_data_sources.json_file={_coco_one_based(f)}"],
                     "dataset.test_data_sources.json_file", str(f.root / "val_1based.json"))),

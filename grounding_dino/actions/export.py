@@ -38,6 +38,7 @@ from grounding_dino.data.synthetic import render, vocabulary
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.layout import results_dir_for
 from grounding_dino.model import transformer
+from grounding_dino.model.checkpoint import check_source
 from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
 
 log = logging.getLogger(__name__)
@@ -376,9 +377,9 @@ def write_deepstream_configs(cfg: ExperimentConfig, onnx_path: Path) -> List[Pat
 def run_export(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `export` action: export.checkpoint -> export.onnx_file (or <results>/export/model.onnx)."""
     if not cfg.export.checkpoint:
-        raise ValueError("export.checkpoint is not set: give the .pth checkpoint to export")
-    if not Path(cfg.export.checkpoint).is_file():
-        raise FileNotFoundError(f"export.checkpoint: {cfg.export.checkpoint} does not exist")
+        raise ValueError("export.checkpoint is not set: give the checkpoint to export (a .pth file, a GroundingDino "
+                         "folder or a Hugging Face id)")
+    check_source(cfg.export.checkpoint, "export.checkpoint")
     model = load_for_export(cfg.export.checkpoint, cfg)
     path, result = export_model(model, cfg, export_path(cfg))
     message = f"Exported {path}."

@@ -43,6 +43,7 @@ from grounding_dino.actions.evaluate import evaluate
 from grounding_dino.actions.export import export_model, load_for_export
 from grounding_dino.config import ExperimentConfig, QuantizeConfig
 from grounding_dino.data import build_dataloader
+from grounding_dino.model.checkpoint import check_source
 from grounding_dino.predictor import (
     ONNX_INPUTS,
     OnnxPredictor,
@@ -367,10 +368,10 @@ def run_quantize(cfg: ExperimentConfig, run: ActionRun) -> None:
     results_dir = run.results_dir
     backend = check_options(cfg.quantize)
     if not cfg.quantize.model_path:
-        raise ValueError("quantize.model_path is not set: give a .pth checkpoint or an exported .onnx")
+        raise ValueError("quantize.model_path is not set: give a .pth checkpoint, an exported .onnx, a GroundingDino "
+                         "folder or a Hugging Face id")
+    check_source(cfg.quantize.model_path, "quantize.model_path")
     model_path = Path(cfg.quantize.model_path)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"quantize.model_path: {model_path} does not exist")
     results_dir.mkdir(parents=True, exist_ok=True)
     outcome = backend.run(QuantizeRun(cfg, results_dir, model_path))
     results = {"backend": cfg.quantize.backend, "mode": cfg.quantize.mode, "quantized_model": str(outcome.path)}

@@ -19,6 +19,7 @@ import logging
 import math
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -246,6 +247,8 @@ def detect_and_convert(sd: StateDict, backbone: str) -> Tuple[StateDict, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # reading files, folders and hub ids
 
+# torch.save's legacy (pre-zip) format is a pickle stream; every pickle protocol >= 2 starts with this opcode.
+_PICKLE_PROTO = b"\x80"
 REFUSED = ("the file holds Python objects, not tensors (torch.load weights_only); re-save its state_dict with "
            "torch.save(model.state_dict(), path)")
 SOURCE_KINDS = ("a checkpoint file (.pth/.ckpt/.pt/.safetensors), a transformers GroundingDino folder (config.json + "
@@ -255,26 +258,41 @@ SOURCE_KINDS = ("a checkpoint file (.pth/.ckpt/.pt/.safetensors), a transformers
 
 def load_file(path: Union[str, Path], key: str, *, mmap: bool = False) -> Any:
     """The one reader of checkpoint files: safetensors, or torch.load(weights_only=True), whose refusal of a
-    pickle that holds Python objects becomes one line naming the file and the fix."""
+    pickle that holds Python objects becomes one line naming the file and the fix. Every other failure is a
+    ValueError naming `key`, the file and what it is instead."""
     path = str(path)
+    unreadable = f"{key}: {path} is not a readable checkpoint"
+    fix = "re-copy the file, or give another checkpoint"
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(path)
+        try:
+            return load_safetensors(path)
+        except SafetensorError as err:
+            raise ValueError(f"{unreadable} (safetensors: {err}); {fix}") from None
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise ValueError(f"{key}: {path} is an empty file, not a checkpoint; {fix}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            if fh.read(1) != _PICKLE_PROTO:
+                raise ValueError(f"{unreadable}: it is neither a torch.save archive nor a legacy torch.save pickle "
+                                 f"(a truncated copy or another kind of file); {fix}")
+        mmap = False  # only the zip format can be memory-mapped; a legacy file is read whole
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        # torch names the class it will not build ("Unsupported global: GLOBAL argparse.Namespace"); other
-        # unpickling failures are damaged files.
+        # torch names the class or function it will not build ("Unsupported global: GLOBAL argparse.Namespace",
+        # "unsupported GLOBAL posix.getcwd whose module posix is blocked"); other unpickling failures are damaged files.
         reason = _unpickler_reason(err)
         if "global" in reason.lower():
-            raise ValueError(f"{key}: refused: {path}: {REFUSED}") from None
-        raise ValueError(f"{key}: {path} is not a readable checkpoint (a truncated copy or another kind of file: "
-                         f"{reason})") from None
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # the legacy (pre-zip) torch.save format cannot be memory-mapped
-            return load_file(path, key)
-        raise ValueError(f"{key}: {path} is not a readable checkpoint ({str(err).strip().splitlines()[0]})") from None
+            raise ValueError(f"{key}: {path}: refused: {REFUSED}") from None
+        raise ValueError(f"{unreadable} (a truncated copy or another kind of file: {reason}); {fix}") from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, TypeError) as err:
+        # a damaged archive or pickle stream fails inside torch's unpickler with whatever it was reading
+        first = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{unreadable} ({first}); {fix}") from None
 
 
 def _unpickler_reason(err: BaseException) -> str:
@@ -282,6 +300,8 @@ def _unpickler_reason(err: BaseException) -> str:
     for line in lines:
         if line.startswith("WeightsUnpickler error:"):
             return line[len("WeightsUnpickler error:"):].strip()
+        if "GLOBAL" in line:
+            return line
     # torch's opening line is advice to load unsafely, which is not the reason
     return "unreadable pickle" if not lines or lines[0].startswith("Weights only load failed") else lines[0]
 
