@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -147,7 +148,11 @@ class GDinoCheckpoint(ModelCheckpoint):
         self._validated = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            # The folder holds experiment.yaml and status.json before the first checkpoint, and a resumed run's
+            # earlier checkpoints by design: Lightning's "exists and is not empty" would print on every run.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and stage == "fit":
             # Left by a save that was killed mid-write; never a complete file, so nothing is lost.
             for stale in stale_temp_files(self.dirpath):

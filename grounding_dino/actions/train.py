@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -167,9 +168,12 @@ def run_training(cfg: ExperimentConfig, run: ActionRun, callbacks: Sequence[Call
         del pretrained
     trainer = build_trainer(cfg, results_dir, callbacks)
     tokenizer = module.model.tokenizer
-    trainer.fit(
-        module,
-        train_dataloaders=build_dataloader(cfg, "train", tokenizer=tokenizer),
-        val_dataloaders=build_dataloader(cfg, "val", tokenizer=tokenizer),
-        ckpt_path=resume or None,
-    )
+    with warnings.catch_warnings():
+        # Frozen parts train in eval mode on purpose (GroundingDINO.train); Lightning's warning about them is noise.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(
+            module,
+            train_dataloaders=build_dataloader(cfg, "train", tokenizer=tokenizer),
+            val_dataloaders=build_dataloader(cfg, "val", tokenizer=tokenizer),
+            ckpt_path=resume or None,
+        )

@@ -170,10 +170,36 @@ def build_bert(folder: str) -> nn.Module:
     if is_grounding_dino_folder(folder):
         return _grounding_dino_bert(folder)
     if any((Path(folder) / name).is_file() for name in WEIGHT_FILES):
+        bert = _quiet_from_pretrained(AutoModel, folder)
         # from_pretrained returns eval mode; the detector trains BERT with its dropout on, as the official code does
-        return AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
+        return bert.train()
     log.warning("%s holds no weights: the text encoder starts from random init.", folder)
     return AutoModel.from_config(AutoConfig.from_pretrained(folder), add_pooling_layer=False)
+
+
+def _quiet_from_pretrained(auto_class, folder: str) -> nn.Module:
+    """`auto_class.from_pretrained(folder)` without the pooler, reporting only what is not expected.
+
+    transformers prints a LOAD REPORT table (and a progress bar) on every load; here it would always list the pooler
+    weights we leave out on purpose, and that noise hid real messages, so keys other than the pooler's are reported
+    in one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = auto_class.from_pretrained(folder, add_pooling_layer=False, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    missing, mismatched = sorted(info["missing_keys"]), list(info["mismatched_keys"])
+    if missing or unexpected or mismatched:
+        log.warning("text encoder %s: weights missing %s, unexpected %s, mismatched %s (those start from random "
+                    "init)", folder, missing[:5], unexpected[:5], mismatched[:5])
+    return model
 
 
 def _grounding_dino_bert(folder: str) -> nn.Module:
