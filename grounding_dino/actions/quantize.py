@@ -385,6 +385,8 @@ def run_quantize(cfg: ExperimentConfig, run: ActionRun) -> None:
     (results_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     message = f"Quantized model ({cfg.quantize.backend}, {cfg.quantize.mode}): {outcome.path}."
     if kpi:
-        message += f" mAP50 float {kpi['float_mAP50']:.4f}, quantized {kpi['quantized_mAP50']:.4f}."
+        # a metric is None when the val set gives nothing to score (CocoEvaluator says why in the results)
+        shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in kpi.items()}
+        message += f" mAP50 float {shown['float_mAP50']}, quantized {shown['quantized_mAP50']}."
     print(message)
     run.report.succeed(message, quantized_model=str(outcome.path), kpi=kpi or None)
