@@ -30,10 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from sdk.skill_info import BANK_ROOT
 
@@ -55,7 +56,7 @@ _WHERE = {"type": "object", "minProperties": 1, "additionalProperties": _CONDITI
 _STEP = {"oneOf": [{"type": "string", "minLength": 1},
                    {"type": "object", "additionalProperties": False, "required": ["python"],
                     "properties": {"python": {"type": "string", "minLength": 1}}}]}
-EVALS_SCHEMA: Dict[str, Any] = {
+EVALS_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "skill evals",
     "type": "object",
@@ -121,7 +122,7 @@ class EvalError(Exception):
 # evals files
 
 
-def skill_names() -> List[str]:
+def skill_names() -> list[str]:
     return sorted(p.parent.name for p in SKILLS_DIR.glob("*/SKILL.md"))
 
 
@@ -132,7 +133,7 @@ def skill_description(skill: str) -> str:
     return yaml.safe_load(text.split("---", 2)[1])["description"]
 
 
-def schema_problems(evals: Any) -> List[str]:
+def schema_problems(evals: Any) -> list[str]:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(EVALS_SCHEMA)
@@ -189,10 +190,10 @@ sys.exit(rc)
 @dataclass
 class Scratch:
     root: Path
-    env: Dict[str, str]
+    env: dict[str, str]
     calls_log: Path
     base_path: str  # PATH without the shims, for setup commands that must not count as the solution's calls
-    servers: List[Any] = field(default_factory=list)
+    servers: list[Any] = field(default_factory=list)
 
     @property
     def workspace(self) -> Path:
@@ -216,7 +217,7 @@ def base_model_path() -> Path:
     import importlib.util
 
     package = importlib.util.find_spec("grounding_dino")
-    return Path(list(package.submodule_search_locations)[0]) / "assets" / "base_model.pth"
+    return Path(next(iter(package.submodule_search_locations))) / "assets" / "base_model.pth"
 
 
 def _base_model_spec(path: Path) -> None:
@@ -261,6 +262,9 @@ def _upload_to_s3(scratch: Scratch, data: Path) -> None:
     except ImportError as err:
         raise EvalError(f"this task's setup asks for S3, which needs boto3 and moto[server] ({err}): "
                         "pip install -e '.[test]'") from None
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
     server.start()
     scratch.servers.append(server)
@@ -336,7 +340,7 @@ def prepare(task: dict, skill: str, root: Path) -> Scratch:
     return scratch
 
 
-def fill(text: str, env: Dict[str, str]) -> str:
+def fill(text: str, env: dict[str, str]) -> str:
     """The prompt with $NAME / ${NAME} placeholders replaced by this scratch folder's values."""
     def value(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
@@ -350,7 +354,7 @@ def fill(text: str, env: Dict[str, str]) -> str:
 # running commands
 
 
-def _run(argv: Sequence[str], env: Dict[str, str], cwd: Path, timeout: float, stdin: Optional[str] = None) -> dict:
+def _run(argv: Sequence[str], env: dict[str, str], cwd: Path, timeout: float, stdin: str | None = None) -> dict:
     """Run in its own process group, killed whole on timeout (jobs' workers included)."""
     start = time.time()
     proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -370,7 +374,7 @@ def _describe_step(step) -> str:
     return step if isinstance(step, str) else "python: " + step["python"].strip().splitlines()[0]
 
 
-def run_step(step, env: Dict[str, str], cwd: Path, timeout: float) -> dict:
+def run_step(step, env: dict[str, str], cwd: Path, timeout: float) -> dict:
     argv = ["bash", "-c", step] if isinstance(step, str) else [sys.executable, "-c", step["python"]]
     result = _run(argv, env, cwd, timeout)
     result["output"] = result.pop("stdout") + result.pop("stderr")
@@ -378,7 +382,7 @@ def run_step(step, env: Dict[str, str], cwd: Path, timeout: float) -> dict:
     return result
 
 
-def run_steps(steps: Sequence, env: Dict[str, str], cwd: Path, deadline: float) -> List[dict]:
+def run_steps(steps: Sequence, env: dict[str, str], cwd: Path, deadline: float) -> list[dict]:
     """Every step, in order, even after one fails: a refusal (exit 2) is an expected outcome of some tasks."""
     results = []
     for step in steps:
@@ -390,7 +394,7 @@ def run_steps(steps: Sequence, env: Dict[str, str], cwd: Path, deadline: float) 
     return results
 
 
-def reference_steps(skill: str, task_id: str) -> List:
+def reference_steps(skill: str, task_id: str) -> list:
     """A task's reference solution (for scripted agents that replay it)."""
     return next(t for t in load_evals(skill)["tasks"] if t["id"] == task_id)["reference_solution"]
 
@@ -398,7 +402,7 @@ def reference_steps(skill: str, task_id: str) -> List:
 TOKENS_LINE = re.compile(r'^\s*\{\s*"tokens"\s*:\s*(\d+)\s*\}\s*$', re.MULTILINE)
 
 
-def reported_tokens(stderr: str) -> Optional[int]:
+def reported_tokens(stderr: str) -> int | None:
     """The agent's token count: the sum of its `{"tokens": N}` lines on stderr, None when it reports none."""
     found = [int(n) for n in TOKENS_LINE.findall(stderr or "")]
     return sum(found) if found else None
@@ -428,7 +432,7 @@ def lookup(document: Any, dotted: str) -> Any:
     return value
 
 
-def condition_problem(document: Any, dotted: str, condition: dict) -> Optional[str]:
+def condition_problem(document: Any, dotted: str, condition: dict) -> str | None:
     """None when `document`'s `dotted` value meets `condition`, else what is wrong."""
     try:
         value = lookup(document, dotted)
@@ -454,7 +458,7 @@ def condition_problem(document: Any, dotted: str, condition: dict) -> Optional[s
     return f"{dotted} = {value!r}, wanted {', '.join(wanted)}" if wanted else None
 
 
-def matching_files(workspace: Path, pattern: str) -> List[Path]:
+def matching_files(workspace: Path, pattern: str) -> list[Path]:
     """Files under the workspace matching a glob, leaving out the linked-in bank folders."""
     found = []
     for path in sorted(workspace.glob(pattern)):
@@ -481,7 +485,7 @@ def _merged_kpis(path: Path) -> dict:
     return merged
 
 
-def _called_problem(assertion: dict, calls: List[dict]) -> Optional[str]:
+def _called_problem(assertion: dict, calls: list[dict]) -> str | None:
     def fits(call: dict) -> bool:
         return (call["program"] == assertion["program"]
                 and all(any(want in arg for arg in call["args"]) for want in assertion.get("args_contain", []))
@@ -509,7 +513,7 @@ def describe_assertion(assertion: dict) -> str:
     return f"{assertion['glob']}: {', '.join(assertion['where'])}"
 
 
-def check_assertion(assertion: dict, workspace: Path, calls: List[dict]) -> Optional[str]:
+def check_assertion(assertion: dict, workspace: Path, calls: list[dict]) -> str | None:
     """None when the assertion holds, else why not."""
     kind = assertion["check"]
     if kind == "called":
@@ -538,13 +542,13 @@ def check_assertion(assertion: dict, workspace: Path, calls: List[dict]) -> Opti
     return " | ".join(problems[:4])
 
 
-def read_calls(path: Path) -> List[dict]:
+def read_calls(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def grade(task: dict, scratch: Scratch) -> List[dict]:
+def grade(task: dict, scratch: Scratch) -> list[dict]:
     calls = read_calls(scratch.calls_log)
     results = []
     for assertion in task["assertions"]:
@@ -574,14 +578,14 @@ def _stop_leftover_jobs(workspace: Path) -> None:
 # tasks and triggers
 
 
-def run_task(skill: str, task: dict, scratch_root: Path, agent: Optional[str] = None, keep: bool = False,
+def run_task(skill: str, task: dict, scratch_root: Path, agent: str | None = None, keep: bool = False,
              log=print) -> dict:
     """Run one task (its reference solution, or the agent) in a fresh scratch folder and grade it."""
     Path(scratch_root).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{task['id']}-", dir=scratch_root))
     timeout = task.get("timeout_s", DEFAULT_TIMEOUT_S)
     started = time.time()
-    result: Dict[str, Any] = {"id": task["id"], "passed": False}
+    result: dict[str, Any] = {"id": task["id"], "passed": False}
     scratch = None
     try:
         scratch = prepare(task, skill, root)
@@ -681,8 +685,8 @@ def write_benchmark(out_dir: Path) -> Path:
         except ValueError:
             continue
     lines = ["# Eval results", "",
-             "Written by `skillbank skills eval` from `results/*.json`. Mode `reference` runs each task's reference "
-             "solution (do the documented recipes work here?); `agent` grades the agent command given.", "",
+             ("Written by `skillbank skills eval` from `results/*.json`. Mode `reference` runs each task's reference "
+              "solution (do the documented recipes work here?); `agent` grades the agent command given."), "",
              "| run | mode | agent | tasks passed | pass rate | task time | trigger accuracy | tokens | machine |",
              "|---|---|---|---|---|---|---|---|---|"]
     for path, run in runs:
@@ -706,8 +710,8 @@ def write_benchmark(out_dir: Path) -> Path:
     return target
 
 
-def evaluate_skill(skill: str, task_ids: Optional[Sequence[str]] = None, agent: Optional[str] = None,
-                   out_dir: Optional[Path] = None, scratch_root: Optional[Path] = None, keep: bool = False,
+def evaluate_skill(skill: str, task_ids: Sequence[str] | None = None, agent: str | None = None,
+                   out_dir: Path | None = None, scratch_root: Path | None = None, keep: bool = False,
                    log=print) -> dict:
     evals = load_evals(skill)
     tasks = evals["tasks"]
@@ -765,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":

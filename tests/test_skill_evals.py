@@ -171,7 +171,7 @@ def test_cli_runs_one_task_and_writes_results(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([SKILLBANK, "skills", "eval", "--skill", "grounding-dino", "--task", "bad_request_refused",
                           "--out", str(out), "--scratch", str(tmp_path / "scratch")],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "grounding-dino/bad_request_refused: PASS" in run.stdout
     (results,) = (out / "results").glob("*.json")
@@ -182,9 +182,9 @@ def test_cli_runs_one_task_and_writes_results(tmp_path):
     assert not list((tmp_path / "scratch").iterdir()), "scratch folders are removed unless --keep"
 
     bad = subprocess.run([SKILLBANK, "skills", "eval", "--skill", "grounding-dino", "--task", "nope"],
-                         capture_output=True, text=True, timeout=60)
+                         check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "has no task nope" in bad.stderr
-    check = subprocess.run([SKILLBANK, "skills", "check"], capture_output=True, text=True, timeout=60)
+    check = subprocess.run([SKILLBANK, "skills", "check"], check=False, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "run-automl: evals.json is valid" in check.stdout
 
 
