@@ -10,7 +10,7 @@ Every skill has `skills/<skill>/evals/evals.json` (schema: EVALS_SCHEMA below, d
 
 Without `--agent` each task's reference solution runs in a scratch workspace and the assertions are checked: this
 proves the recipes work on this machine. With `--agent CMD` the command gets the prompt on stdin, runs in the
-scratch workspace (bank folders linked in, placeholders in env vars) and is graded with the same assertions; the
+scratch workspace (bank folders copied in, placeholders in env vars) and is graded with the same assertions; the
 trigger queries are put to it too (protocol in the README). Results go to `<out>/results/<stamp>.json` and the
 table `<out>/BENCHMARK.md`.
 
@@ -39,7 +39,7 @@ from typing import Any
 from sdk.skill_info import BANK_ROOT
 
 SKILLS_DIR = BANK_ROOT / "skills"
-BANK_LINKS = ("skills", "references", "schemas", "examples")  # SKILL.md's paths are relative to the bank's root
+BANK_FOLDERS = ("skills", "references", "schemas", "examples")  # SKILL.md's paths are relative to the bank's root
 PROGRAMS = ("skillbank", "grounding_dino")
 S3_BUCKET = "skillbank-evals"
 PLACEHOLDERS = ("WORKSPACE", "DATA", "BANK", "BASE_MODEL", "SPEC", "S3_DATA")
@@ -285,14 +285,15 @@ def _upload_to_s3(scratch: Scratch, data: Path) -> None:
 
 
 def prepare(task: dict, skill: str, root: Path) -> Scratch:
-    """The scratch folder of one task: workspace (the cwd, bank folders linked in), data, shims, env."""
+    """The scratch folder of one task: workspace (the cwd, bank folders copied in), data, shims, env."""
     root.mkdir(parents=True, exist_ok=True)
     workspace, data, bin_dir = root / "work", root / "data", root / "bin"
     workspace.mkdir()
     bin_dir.mkdir()
-    for name in BANK_LINKS:
-        if (BANK_ROOT / name).exists():
-            (workspace / name).symlink_to((BANK_ROOT / name).resolve(), target_is_directory=True)
+    for name in BANK_FOLDERS:
+        if (BANK_ROOT / name).is_dir():
+            # Copies, not links: an agent's edits stay in its scratch folder. The evals (answers) are left out.
+            shutil.copytree(BANK_ROOT / name, workspace / name, ignore=shutil.ignore_patterns("evals"))
     calls_log = root / "calls.jsonl"
     for program in PROGRAMS:
         shim = bin_dir / program
@@ -459,11 +460,11 @@ def condition_problem(document: Any, dotted: str, condition: dict) -> str | None
 
 
 def matching_files(workspace: Path, pattern: str) -> list[Path]:
-    """Files under the workspace matching a glob, leaving out the linked-in bank folders."""
+    """Files under the workspace matching a glob, leaving out the copied bank folders."""
     found = []
     for path in sorted(workspace.glob(pattern)):
         parts = path.relative_to(workspace).parts
-        if parts and parts[0] not in BANK_LINKS and path.is_file():
+        if parts and parts[0] not in BANK_FOLDERS and path.is_file():
             found.append(path)
     return found
 
@@ -564,7 +565,7 @@ def _stop_leftover_jobs(workspace: Path) -> None:
     from sdk.jobs import SkillBank
 
     for record in workspace.glob("**/jobs/*/job.json"):
-        if record.relative_to(workspace).parts[0] in BANK_LINKS:
+        if record.relative_to(workspace).parts[0] in BANK_FOLDERS:
             continue
         try:
             status = json.loads(record.read_text(encoding="utf-8")).get("status")

@@ -236,15 +236,20 @@ def test_do_nothing_agent_fails_after_setup_steps(skill, task_id, tmp_path):
 
 
 def test_agent_gets_the_filled_prompt_and_the_workspace(tmp_path):
-    """The prompt's placeholders are filled, the cwd is the workspace with the bank linked in, data is there."""
+    """The prompt's placeholders are filled, the cwd is the workspace with the bank copied in (not the evals: they
+    hold the answers), the data is there."""
     probe = tmp_path / "probe.json"
-    agent = (f"{sys.executable} -c \"import json, os, sys; json.dump({{'prompt': sys.stdin.read(), 'cwd': os.getcwd(), "
-             f"'skill_md': os.path.isfile('skills/grounding-dino/SKILL.md'), 'env': dict(os.environ)}}, "
-             f"open({str(probe)!r}, 'w'))\"")
+    script = tmp_path / "probe_agent.py"
+    script.write_text(f"""import json, os, sys
+json.dump({{"prompt": sys.stdin.read(), "cwd": os.getcwd(), "env": dict(os.environ),
+           "skill_md": os.path.isfile("skills/grounding-dino/SKILL.md"),
+           "evals": os.path.exists("skills/grounding-dino/evals")}}, open({str(probe)!r}, "w"))
+""")
+    agent = f"{sys.executable} {script}"
     result = ev.run_task("grounding-dino", _task("grounding-dino", "bad_request_refused"), tmp_path / "s", agent,
                          keep=True, log=lambda _: None)
     seen = json.loads(probe.read_text())
-    assert seen["skill_md"] and seen["cwd"] == seen["env"]["WORKSPACE"]
+    assert seen["skill_md"] and not seen["evals"] and seen["cwd"] == seen["env"]["WORKSPACE"]
     assert "$DATA" not in seen["prompt"] and seen["env"]["DATA"] in seen["prompt"]
     assert Path(seen["env"]["SPEC"]).is_file() and (Path(seen["env"]["DATA"]) / "eval_dataset").is_dir()
     assert seen["env"]["SKILL_EVAL_MODE"] == "task" and seen["env"]["PATH"].split(os.pathsep)[0].endswith("bin")
