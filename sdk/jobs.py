@@ -431,7 +431,7 @@ class SkillBank:
         return sorted(jobs, key=lambda j: j.record.get("created_at") or "")
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll_s: float = 0.2) -> Job:
-        """Block until the job is done, error or canceled (or `timeout` seconds pass); returns its record."""
+        """Block until the job is done, error, canceled or preempted (or `timeout` seconds pass); returns its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.status(job_id)
