@@ -23,7 +23,7 @@ How a document runs (slow tests, one per document): its blocks run in order, in 
 Substitution table, applied to a block's text before it runs (SUBSTITUTIONS, then the job placeholders):
 
     in the docs                                          replaced by
-    /data/val/images, /data/val/annotations.json         data/shapes/eval_dataset/images, .../annotations.json
+    /data/val/images, /data/val/annotations.json         <scratch>/data/shapes/eval_dataset/images, .../annotations.json
     --num-train 600 --num-val 100 --size 256             --num-train 16 --num-val 8 --size 128
     num_epochs=20, =10, =4; "num_epochs": 20, 6          num_epochs=1; "num_epochs": 1
     "automl.max_trials": 8; automl.max_trials=6          2
@@ -69,8 +69,8 @@ COVERED_ELSEWHERE = {
 }
 
 SUBSTITUTIONS = [
-    ("/data/val/images", "data/shapes/eval_dataset/images"),
-    ("/data/val/annotations.json", "data/shapes/eval_dataset/annotations.json"),
+    ("/data/val/images", "{scratch}/data/shapes/eval_dataset/images"),
+    ("/data/val/annotations.json", "{scratch}/data/shapes/eval_dataset/annotations.json"),
     ("--num-train 600 --num-val 100 --size 256", "--num-train 16 --num-val 8 --size 128"),
     ("num_epochs=20", "num_epochs=1"), ("num_epochs=10", "num_epochs=1"), ("num_epochs=4", "num_epochs=1"),
     ('"num_epochs": 20', '"num_epochs": 1'), ('"num_epochs": 6', '"num_epochs": 1'),
@@ -320,7 +320,7 @@ def _job_placeholders(text: str, scratch: Path) -> str:
 def _run(block: Block, scratch: Path, timeout: int = 600) -> None:
     text = block.text
     for old, new in SUBSTITUTIONS:
-        text = text.replace(old, new)
+        text = text.replace(old, new.replace("{scratch}", str(scratch.resolve())))
     text = _job_placeholders(text, scratch)
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(ROOT),
                SKILLBANK_WORKSPACE="workspace", HF_HUB_OFFLINE="1")
