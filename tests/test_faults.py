@@ -14,7 +14,8 @@ torch.load(weights_only=True), that job.json is valid JSON, and that the status 
 | five concurrent `job start`             | one supervisor, one worker; four "already running (pid N)", exit 2   |
 | two CLI runs on one results folder      | the second exits 2 naming the holder's pid and writes nothing        |
 
-Trainings run the tiny CPU spec (tests/conftest.py) as subprocesses, one thread each.
+Trainings run the tiny CPU spec (tests/conftest.py) as subprocesses, one thread each. The SIGUSR1 and disk-full
+rows are marked slow (about a minute each on 2 shared cores); the rest take about 3 minutes together.
 """
 from __future__ import annotations
 
@@ -245,6 +246,7 @@ def test_sigusr1_preempts_a_job_then_job_start_resumes(workspace, tiny_train_spe
     _assert_job_settled(job.path)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one(trained, tiny_train_spec, tmp_path):
     spec = _write_spec(tiny_train_spec, tmp_path, **{"train.num_epochs": 2})
     results = tmp_path / "results" / "train"
