@@ -35,8 +35,14 @@ def _print_job(job, as_json: bool) -> None:
 
 def job_create(args) -> int:
     bank = _bank(args)
+    datasets: dict[str, list[str]] = {}
+    for item in args.dataset:
+        role, sep, path = item.partition("=")
+        if not sep or not role or not path:
+            raise SkillBankError(f"--dataset {item!r}: expected ROLE=PATH, e.g. --dataset eval_dataset=data/val")
+        datasets.setdefault(role, []).append(path)
     job = bank.create_job(args.action, spec=args.experiment, overrides=args.overrides, parent_job_id=args.parent,
-                          automl_policy=args.automl_policy, request=args.request)
+                          automl_policy=args.automl_policy, request=args.request, datasets=datasets)
     print(job.id, flush=True)
     if not args.wait:
         return 0
@@ -163,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("-e", "--experiment", help="spec YAML")
     create.add_argument("--parent", help="parent job id (its model, settings and results are used)")
     create.add_argument("--automl-policy", choices=("on", "off"), help="train through AutoML or directly")
+    create.add_argument("--dataset", action="append", default=[], metavar="ROLE=PATH",
+                        help="a dataset folder (local or s3://) for a role: train_datasets (repeat for several), "
+                             "eval_dataset, inference_dataset, calibration_dataset; fills the spec's data keys "
+                             "from the files it holds (overrides still win)")
     create.add_argument("--request", help="the request in words, read for phrases such as 'turn off AutoML'")
     create.add_argument("--wait", action="store_true", help="wait for the job; exit 1 unless it ends done")
     create.add_argument("overrides", nargs="*", metavar="key=value",

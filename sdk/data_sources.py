@@ -267,6 +267,91 @@ def _download(client, bucket: str, key: str, target: Path, size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# dataset folders given by role (`job create --dataset ROLE=PATH`)
+
+
+def dataset_values(declared: Mapping[str, Any], datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """{spec key: value} filled from dataset folders given by role, as skill_info's data_sources describe them.
+
+    datasets: {role: path or [paths]}; a path is a local folder or s3://bucket/prefix. An archive field
+    (runtime: extracted_folder, e.g. images.tar.gz) also accepts the folder it unpacks to (images/).
+    """
+    roles = sorted({source.source for source in (declared or {}).values()})
+    paths = {}
+    for role, given in datasets.items():
+        if role not in roles:
+            raise SkillBankError(f"dataset role {role!r}: this action takes {', '.join(roles) or 'no datasets'}."
+                                 " Fix: --dataset ROLE=PATH with one of those roles.")
+        paths[role] = [given] if isinstance(given, (str, os.PathLike)) else list(given)
+    values: dict[str, Any] = {}
+    for key, source in (declared or {}).items():
+        if source.source not in paths:
+            continue
+        folders = paths[source.source]
+        if not source.list and len(folders) != 1:
+            raise SkillBankError(f"dataset role {source.source!r} fills {key}, which takes one dataset; "
+                                 f"got {len(folders)}. Fix: give --dataset {source.source}=PATH once.")
+        entries = [_dataset_entry(source, str(folder)) for folder in folders]
+        values[key] = entries if source.list else entries[0]
+    return values
+
+
+def _dataset_entry(source, folder: str) -> Any:
+    where = f"dataset {source.source}={folder}"
+    if is_s3(folder):
+        folder = folder.rstrip("/")
+        names = _s3_names(folder)
+    else:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise SkillBankError(f"{where}: not a folder. Fix: give the folder that holds the role's files "
+                                 "(see the data table in skills/grounding-dino/SKILL.md).")
+        folder = str(path)
+        names = {p.name + ("/" if p.is_dir() else "") for p in path.iterdir()}
+    files = {None: source.file} if source.file is not None else dict(source.fields)
+    entry, missing = {}, []
+    for field_name, wanted in files.items():
+        choices = [wanted.file]
+        if wanted.runtime == "extracted_folder" and is_archive(wanted.file):
+            choices.append(_archive_folder(wanted.file) + "/")
+        found = next((name for name in choices if name in names), None)
+        if found is not None:
+            entry[field_name] = f"{folder}/{found.rstrip('/')}"
+        elif not wanted.optional:
+            missing.append(" or ".join(choices))
+    if missing:
+        raise SkillBankError(f"{where}: holds no {', no '.join(missing)}. Fix: put the files there, or set the "
+                             "spec keys yourself instead of using --dataset.")
+    return entry[None] if source.file is not None else entry
+
+
+def _archive_folder(name: str) -> str:
+    lowered = name.lower()
+    suffix = next(s for s in ARCHIVE_SUFFIXES if lowered.endswith(s))
+    return name[:-len(suffix)]
+
+
+def _s3_names(uri: str) -> set[str]:
+    """File names and first-level folders (with a trailing /) directly under an S3 prefix."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = _split_uri(uri)
+    prefix = f"{prefix}/" if prefix else ""
+    try:
+        keys = _list_prefix(boto3.client("s3"), bucket, prefix, 1000)
+    except (ClientError, BotoCoreError) as exc:
+        raise DataSourceError(f"{uri}: cannot list the dataset ({type(exc).__name__}). Fix: check the URI and that "
+                              "your credentials can read it (AWS_PROFILE / AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).") \
+            from None
+    names = set()
+    for key, _ in keys:
+        head, sep, _rest = key[len(prefix):].partition("/")
+        names.add(head + sep)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # spec walking
 
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from grounding_dino.config import secret_keys
 from grounding_dino.layout import (JOB_LOCK, JOB_LOG, JOB_PROCESS_MODULE, JOB_RECORD, JOB_RESULTS, JOB_SPEC,
@@ -40,6 +40,7 @@ from grounding_dino.layout import (JOB_LOCK, JOB_LOG, JOB_PROCESS_MODULE, JOB_RE
                                   take_lock)
 from sdk import mappings, preflight
 from sdk.automl_policy import AutomlDecision, decide as decide_automl
+from sdk.data_sources import dataset_values
 from sdk.errors import SkillBankError
 from sdk.skill_info import load_skill_info
 from sdk.spec import (apply_overrides, dump_spec, get_path, load_spec, parse_override, resolve_spec, set_path,
@@ -241,13 +242,16 @@ class SkillBank:
         request: Optional[str] = None,
         parent_epoch: Optional[int] = None,
         parent_step: Optional[int] = None,
+        datasets: Optional[Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]]] = None,
         start: bool = True,
     ) -> Job:
         """Check a request completely, write its job folder and (by default) start it.
 
         overrides: {dotted key: value} or ["key=value", ...]; shorthand keys (num_epochs, ...) work, and
         `parent_epoch` / `parent_step` pick the parent's checkpoint. request: the user's words, read for
-        automl_policy phrases ("turn off AutoML"). Raises SkillBankError before writing anything.
+        automl_policy phrases ("turn off AutoML"). datasets: {role: folder or [folders]} (train_datasets,
+        eval_dataset, inference_dataset, calibration_dataset; local or s3://) fills the data keys from the files
+        each folder holds, under the spec and its overrides. Raises SkillBankError before writing anything.
         """
         action_info = self.info.action(action)
         overrides, asked = _split_request(overrides)
@@ -257,8 +261,11 @@ class SkillBank:
             raise SkillBankError("parent_epoch / parent_step select a checkpoint of the parent job; give --parent.")
         parent = self._parent(parent_job_id) if parent_job_id else None
 
-        user_spec = apply_overrides(load_spec(spec) if spec is not None else {}, overrides, self.info.shorthand)
-        resolved = resolve_spec(action, spec, overrides)
+        base = load_spec(spec) if spec is not None else {}
+        for key, value in dataset_values(action_info.data_sources, datasets or {}).items():
+            set_path(base, key, value)
+        user_spec = apply_overrides(base, overrides, self.info.shorthand)
+        resolved = resolve_spec(action, base, overrides)
         deploy = action_info.deploy is not None and parent is not None and parent.action == "gen_trt_engine"
         spec_params = action_info.deploy.spec_params if deploy else action_info.spec_params
         validate(resolved, action, filled_by_mappings=frozenset(spec_params))

@@ -294,6 +294,29 @@ def test_two_workers_share_one_study(tmp_path, storage):
     assert all(t.user_attrs.get("automl_surplus") for t in study.trials if t.state == TrialState.FAIL)
 
 
+def test_a_late_worker_with_another_results_dir_copies_the_best_from_the_recorded_trial_folder(tmp_path, capsys):
+    """The run-automl skill's worker command: the job's study is already full and the worker's spec names another
+    results_dir. It copies best_model/ from where the trial ran instead of failing on a missing file."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    run_automl(_spec(tmp_path / "job", max_trials=2), run_trial=cheap_trial, storage=url, study_name="s")
+    (tmp_path / "job" / "best_model").rename(tmp_path / "job" / "kept")
+
+    study = run_automl(_spec(tmp_path / "worker", max_trials=2), run_trial=cheap_trial, storage=url, study_name="s")
+
+    assert len(study.trials) == 2
+    best = json.loads((tmp_path / "worker" / "best_model" / "best_automl.json").read_text())
+    assert (tmp_path / "worker" / "best_model" / CHECKPOINT).read_bytes() == f"weights of trial {best['trial']}".encode()
+    assert best["source"] == str((tmp_path / "job" / f"trial_{best['trial']}" / CHECKPOINT).resolve())
+    assert not (tmp_path / "worker" / "trial_0").exists()
+
+    for trial in (tmp_path / "job").glob("trial_*"):
+        (trial / CHECKPOINT).unlink()
+    capsys.readouterr()
+    run_automl(_spec(tmp_path / "third", max_trials=2), run_trial=cheap_trial, storage=url, study_name="s")
+    assert "has no readable checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "third" / "best_model").exists()
+
+
 # ------------------------------------------------------------------------------------------------ small pieces
 def test_storage_urls():
     with pytest.raises(SpecError, match="automl.storage.*database URL"):

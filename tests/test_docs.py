@@ -24,6 +24,7 @@ Substitution table, applied to a block's text before it runs (SUBSTITUTIONS, the
 
     in the docs                                          replaced by
     /data/val/images, /data/val/annotations.json         <scratch>/data/shapes/eval_dataset/images, .../annotations.json
+    /data/val (a dataset folder)                         <scratch>/data/shapes/eval_dataset
     --num-train 600 --num-val 100 --size 256             --num-train 16 --num-val 8 --size 128
     num_epochs=20, =10, =4; "num_epochs": 20, 6          num_epochs=1; "num_epochs": 1
     "automl.max_trials": 8; automl.max_trials=6          2
@@ -71,6 +72,7 @@ COVERED_ELSEWHERE = {
 SUBSTITUTIONS = [
     ("/data/val/images", "{scratch}/data/shapes/eval_dataset/images"),
     ("/data/val/annotations.json", "{scratch}/data/shapes/eval_dataset/annotations.json"),
+    ("/data/val", "{scratch}/data/shapes/eval_dataset"),
     ("--num-train 600 --num-val 100 --size 256", "--num-train 16 --num-val 8 --size 128"),
     ("num_epochs=20", "num_epochs=1"), ("num_epochs=10", "num_epochs=1"), ("num_epochs=4", "num_epochs=1"),
     ('"num_epochs": 20', '"num_epochs": 1'), ('"num_epochs": 6', '"num_epochs": 1'),

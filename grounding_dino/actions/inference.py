@@ -173,4 +173,7 @@ def run_inference(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `inference` action: inference.checkpoint (or trt_engine) on dataset.infer_data_sources."""
     predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
     records = infer(cfg, predictor, run.results_dir)
-    run.report.succeed(f"Inference finished: {len(records)} detections.")
+    where = run.results_dir.resolve()
+    # Said on stdout too: the outputs' place is otherwise only in the docs, and a job's folder is not the cwd.
+    print(f"inference: {len(records)} detections written to {where}: images_annotated/, labels/, results.json")
+    run.report.succeed(f"Inference finished: {len(records)} detections in {where}.")

@@ -23,7 +23,7 @@ from grounding_dino.layout import BEST_AUTOML, BEST_MODEL_DIR, JOB_RECORD, JOB_S
 from runner.automl.report import write_report
 from runner.automl.search_space import apply_params, build_search_space, get_path
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
-                                 SURPLUS_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
+                                 SURPLUS_ATTR, TRIAL_DIR_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
                                  redact, storage_url)
 from sdk.errors import SpecError
 from sdk.spec import load_spec
@@ -92,6 +92,7 @@ def run_automl(
         trial.set_user_attr(PARAMS_ATTR, values)
         trial_dir = root / f"trial_{trial.number}"
         trial_dir.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr(TRIAL_DIR_ATTR, str(trial_dir.resolve()))
         _log(f"trial {trial.number} started: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
         try:
             return run_trial(trial, trial_spec(spec, values, trial_dir), trial_dir)
@@ -122,6 +123,7 @@ def run_automl(
         export_best(study, root, metric)
 
     best = export_best(study, root, metric)
+    root.mkdir(parents=True, exist_ok=True)  # a worker that joined a full study ran nothing here yet
     write_report(study, root, space, metric=metric, algorithm=settings["algorithm"],
                  storage=redact(url))
     if best is None:
@@ -162,11 +164,15 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
     info_file = folder / BEST_AUTOML
     if info_file.is_file() and (folder / name).is_file() and json.loads(info_file.read_text())["trial"] == best.number:
         return best
-    source = root / f"trial_{best.number}" / name
-    trial_host = best.user_attrs.get(OWNER_ATTR, {}).get("host")
-    if not source.is_file() and trial_host not in (None, owner()["host"]):
-        _log(f"best trial {best.number} ran on {trial_host} and its checkpoint is not in {source.parent}: "
-             "best_model/ is left to a worker that can read it (share the results folder between machines)")
+    candidates = [root / f"trial_{best.number}" / name]
+    if best.user_attrs.get(TRIAL_DIR_ATTR):
+        candidates.append(Path(best.user_attrs[TRIAL_DIR_ATTR]) / name)
+    source = next((path for path in candidates if path.is_file()), None)
+    if source is None:
+        trial_host = best.user_attrs.get(OWNER_ATTR, {}).get("host", "an unknown host")
+        _log(f"best trial {best.number} (ran on {trial_host}) has no readable checkpoint at "
+             f"{' or '.join(str(path) for path in candidates)}: best_model/ is left to a worker that can read it "
+             "(give workers the job's results_dir, shared between machines)")
         return best
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".{name}.partial"
@@ -182,7 +188,7 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
         "value": best.value,
         "params": best.user_attrs.get(PARAMS_ATTR, {}),
         "checkpoint": name,
-        "source": str(source.relative_to(root)),
+        "source": str(source.relative_to(root)) if source.is_relative_to(root) else str(source),
     }
     replace_atomically(info_file, json.dumps(info, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return best

@@ -32,6 +32,7 @@ OWNER_ATTR = "automl_owner"  # {host, pid} of the worker running the trial
 SURPLUS_ATTR = "automl_surplus"  # set on a trial refused because the budget was already full
 PARAMS_ATTR = "spec_params"  # the spec values a trial ran with (a weighted choice is a uniform draw in Optuna)
 CHECKPOINT_ATTR = "checkpoint"  # file name, inside the trial folder, of the trial's best checkpoint
+TRIAL_DIR_ATTR = "trial_dir"  # absolute trial folder: a worker with another results_dir still finds the checkpoint
 ERROR_ATTR = "error"  # why a trial failed
 HEARTBEAT_INTERVAL = 60
 
