@@ -305,7 +305,8 @@ def test_a_late_worker_with_another_results_dir_copies_the_best_from_the_recorde
 
     assert len(study.trials) == 2
     best = json.loads((tmp_path / "worker" / "best_model" / "best_automl.json").read_text())
-    assert (tmp_path / "worker" / "best_model" / CHECKPOINT).read_bytes() == f"weights of trial {best['trial']}".encode()
+    copied = (tmp_path / "worker" / "best_model" / CHECKPOINT).read_bytes()
+    assert copied == f"weights of trial {best['trial']}".encode()
     assert best["source"] == str((tmp_path / "job" / f"trial_{best['trial']}" / CHECKPOINT).resolve())
     assert not (tmp_path / "worker" / "trial_0").exists()
 

@@ -23,8 +23,8 @@ from grounding_dino.layout import BEST_AUTOML, BEST_MODEL_DIR, JOB_RECORD, JOB_S
 from runner.automl.report import write_report
 from runner.automl.search_space import apply_params, build_search_space, get_path
 from runner.automl.study import (CHECKPOINT_ATTR, ERROR_ATTR, HEARTBEAT_INTERVAL, OWNER_ATTR, PARAMS_ATTR,
-                                 SURPLUS_ATTR, TRIAL_DIR_ATTR, budget_used, fail_dead_trials, open_storage, open_study, owner,
-                                 redact, storage_url)
+                                 SURPLUS_ATTR, TRIAL_DIR_ATTR, budget_used, fail_dead_trials, open_storage, open_study,
+                                 owner, redact, storage_url)
 from sdk.errors import SpecError
 from sdk.spec import load_spec
 
