@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from sdk.errors import SkillBankError
+from sdk.errors import SkillBankError, run_command
 
 DEFAULT_WORKSPACE = os.environ.get("SKILLBANK_WORKSPACE", "workspace")
 
@@ -252,11 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "experiment", None) and not Path(args.experiment).is_file():
         print(f"error: spec file {args.experiment} not found. Fix: check the path given with -e.", file=sys.stderr)
         return 2
-    try:
-        return args.func(args)
-    except SkillBankError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from sdk.data_convert import coco_to_odvg, make_contiguous, odvg_to_coco
 from sdk.data_stats import dataset_stats
-from sdk.errors import SkillBankError
+from sdk.errors import run_command
 
 
 def _coco2odvg(args) -> int:
@@ -80,12 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except SkillBankError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -20,6 +21,16 @@ class SkillBankError(Exception):
     """An error the user can fix; CLIs print the message and exit with `exit_code`."""
 
     exit_code = 2
+
+
+def run_command(args: Any) -> int:
+    """Run an argparse command (`args.func(args)`): its exit code, or a SkillBankError's one-line message on stderr
+    and its exit code, never a traceback."""
+    try:
+        return args.func(args)
+    except SkillBankError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 @dataclass(frozen=True)
