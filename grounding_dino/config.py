@@ -590,8 +590,10 @@ class QuantizeConfig:
 
 @dataclass
 class AutoMLConfig:
-    algorithm: str = param("tpe", "Search: tpe, bayesian (GP), hyperband (TPE + Hyperband pruning), random.",
-                           options=("tpe", "bayesian", "hyperband", "random"))
+    algorithm: str = param("tpe", "Search: tpe, bayesian (GP), hyperband (TPE + Hyperband pruning), asha (TPE + "
+                                  "asynchronous successive halving: a trial is stopped at epoch 1, 3, 9, ... unless "
+                                  "it is in the best third so far), random.",
+                           options=("tpe", "bayesian", "hyperband", "asha", "random"))
     max_trials: int = param(6, "Trials to run in the study (across all workers).", minimum=1, maximum=10000)
     timeout: Optional[int] = param(None, "Stop starting new trials after this many seconds.", minimum=1,
                                    maximum=10**8)

@@ -7,7 +7,8 @@ counted from the storage, never per process.
 Trials left RUNNING by a dead process are failed and re-enqueued with the same parameters. Two mechanisms find
 them: each trial records its owner (host, pid) so a worker on the same host sees at once that the owner is gone
 (this covers SQLite and journal files, and a restart right after a crash); RDB storages also keep Optuna's
-heartbeat, which finds dead workers on other hosts once `grace_period` has passed.
+heartbeat, which finds dead workers on other hosts once `grace_period` has passed (checked by every worker
+before each trial, so a worker restarted on another host also retries them).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def open_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
     if url.startswith("sqlite"):
         # Workers and the heartbeat thread write concurrently; wait for SQLite's lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(3):
         try:
@@ -75,9 +76,10 @@ def open_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
                 )
-        except (OperationalError, IntegrityError):
+        except (OperationalError, IntegrityError, ProgrammingError):
             # Workers started together race to create the tables of a new database ("table already exists",
-            # "UNIQUE constraint failed: alembic_version"); the loser finds them on the next try.
+            # "UNIQUE constraint failed: alembic_version"; PostgreSQL: DuplicateTable, a ProgrammingError); the
+            # loser finds them on the next try.
             if attempt == 2:
                 raise
             time.sleep(1.0 + attempt)
@@ -109,12 +111,19 @@ def _hyperband(seed: Optional[int], epochs: int):
     return optuna.samplers.TPESampler(seed=seed), pruner
 
 
+def _asha(seed: Optional[int], epochs: int):
+    # Asynchronous successive halving: one bracket, so every trial is compared at epochs 1, 3, 9, ... (Hyperband
+    # spreads trials over brackets whose first comparison comes later, hedging against a noisy first epoch).
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.samplers.TPESampler(seed=seed), pruner
+
+
 def _random(seed: Optional[int], epochs: int):
     return optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
 
 
 ALGORITHMS: Dict[str, Callable[[Optional[int], int], Tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]]]
-ALGORITHMS = {"tpe": _tpe, "bayesian": _bayesian, "hyperband": _hyperband, "random": _random}
+ALGORITHMS = {"tpe": _tpe, "bayesian": _bayesian, "hyperband": _hyperband, "asha": _asha, "random": _random}
 
 
 def _importable(name: str) -> bool:
@@ -124,12 +133,22 @@ def _importable(name: str) -> bool:
 
 
 def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: int) -> optuna.Study:
-    """Create the study, or load it when it exists (a restart or another worker): finished trials are kept."""
+    """Create the study, or load it when it exists (a restart or another worker): finished trials are kept.
+
+    Only the process that creates the study samples from `seed`. One that joins it (another worker, or a restart)
+    samples with fresh randomness: started from the same seed, it would draw the points the study already tried
+    (every worker of a shared study would run the same trials).
+    """
     if algorithm not in ALGORITHMS:
         raise SpecError.single("automl.algorithm", algorithm, f"allowed: {', '.join(ALGORITHMS)}")
     sampler, pruner = ALGORITHMS[algorithm](seed, epochs)
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+    try:
+        # creating is atomic in the storage (a unique study name), so of workers started together exactly one wins
+        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                   direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        sampler, pruner = ALGORITHMS[algorithm](None, epochs)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,30 +159,47 @@ def owner() -> Dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-    return True
-
-
 def fail_dead_trials(study: optuna.Study, storage) -> list[int]:
-    """Fail RUNNING trials whose owner process on this host is gone and enqueue their parameters again.
+    """Fail RUNNING trials whose owner is gone and enqueue their parameters again: those of a dead process on this
+    host, and (RDB storages) those whose heartbeat is older than the grace period, wherever they ran.
 
     Returns the numbers of the trials failed here (another worker may fail the same trial first; then it is not).
     """
     host = socket.gethostname()
-    failed = []
+    dead = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = trial.user_attrs.get(OWNER_ATTR)
-        if not who or who["host"] != host or process_alive(who["pid"]):
-            continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
-        failed.append(trial.number)
-    return failed
+        if who and who["host"] == host and not process_alive(who["pid"]):
+            dead.append(trial._trial_id)
+    dead += [trial_id for trial_id in _stale_trial_ids(study, storage) if trial_id not in dead]
+    return [storage.get_trial(trial_id).number for trial_id in dead if _fail_and_retry(study, storage, trial_id)]
+
+
+def _stale_trial_ids(study: optuna.Study, storage) -> list[int]:
+    """RUNNING trials whose heartbeat stopped more than the grace period ago (none without heartbeats).
+
+    Optuna checks this only when a trial starts; a worker that finds the budget used starts none, so without this
+    check a trial whose worker died on another host would stay RUNNING, holding a slot of the budget for good.
+    """
+    # the same calls as optuna.storages.fail_stale_trials, which fails the trials but does not say which
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        return []
+    return list(storage._get_stale_trial_ids(study._study_id))
+
+
+def _fail_and_retry(study: optuna.Study, storage, trial_id: int) -> bool:
+    """Mark a dead trial FAIL and enqueue its parameters; False when another worker got there first."""
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id))
+    return True
 
 
 def counts_against_budget(trial: FrozenTrial, retried: set) -> bool:
