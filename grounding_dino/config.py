@@ -444,7 +444,12 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
+    num_gpus: int = param(
+        1, "Processes the test images are split across, by whole batches: on CUDA one per GPU (gpu_ids, else GPUs "
+        "0..num_gpus-1), without CUDA that many CPU processes sharing the cores. The detections are scored once, so "
+        "results.json, per_class.json and detections.json equal a one-process run. Only for a PyTorch checkpoint: "
+        "an .onnx model or a TensorRT engine with num_gpus > 1 is refused (set 1). The evaluate action only: "
+        "quantize.evaluate scores in one process.", minimum=1, maximum=64)
     gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
     num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
     checkpoint: Optional[str] = param(None, "Model to evaluate: a .pth checkpoint (ours, official or TAO), an .onnx "
@@ -462,7 +467,11 @@ class EvaluateConfig:
 
 @dataclass
 class InferenceConfig:
-    num_gpus: int = param(1, "GPUs used.", minimum=1, maximum=64)
+    num_gpus: int = param(
+        1, "Processes the images are split across, by whole batches: on CUDA one per GPU (gpu_ids, else GPUs "
+        "0..num_gpus-1), without CUDA that many CPU processes sharing the cores. The outputs equal a one-process "
+        "run's. Only for a PyTorch checkpoint: an .onnx model or a TensorRT engine with num_gpus > 1 is refused "
+        "(set 1).", minimum=1, maximum=64)
     gpu_ids: List[int] = param([0], "GPU indices.", max_items=64, item_minimum=0, item_maximum=1023)
     num_nodes: int = param(1, "Nodes.", minimum=1, maximum=4096)
     checkpoint: Optional[str] = param(None, "Model to run: a .pth checkpoint (ours, official or TAO), an .onnx file, "

@@ -10,18 +10,23 @@ merged (Predictor.detect), so 80+ classes are all scored instead of being cut of
 Writes `results.json` (every COCO metric), `detections.json` (the COCO results list), `per_class.json` (AP and
 AP50 of each category, also printed weakest first) and `status.json` (KPIs test_mAP, test_mAP50) into
 evaluate.results_dir, else <results_dir>/evaluate.
+
+With evaluate.num_gpus > 1 the test images are split by whole batches across that many worker processes (one per GPU
+under CUDA, sharing the cores on CPU; grounding_dino.actions.sharding) and their detections scored here once, so
+the files hold what a one-process run writes.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from grounding_dino.actions import ActionRun
+from grounding_dino.actions.sharding import check_processes, run_sharded, shard_loader
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.evaluation import CocoEvaluator
@@ -34,6 +39,12 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
              per_class_json: Optional[Path] = None) -> Dict[str, Any]:
     """COCO metrics (evaluation.METRIC_NAMES) of `predictor` on the test split; optionally saves the detections
     and the per-category AP / AP50. A metric the set cannot score is None, and `null_reasons` says why."""
+    return score(detect(cfg, predictor), detections_json, per_class_json)
+
+
+def detect(cfg: ExperimentConfig, predictor: Predictor, rank: int = 0, world: int = 1) -> CocoEvaluator:
+    """An evaluator holding the detections of the test images of shard `rank` of `world` (sharding.ShardBatches;
+    all of them when world is 1), not yet scored."""
     options = cfg.evaluate
     size = predictor.image_size(options.input_width, options.input_height, "evaluate")
     loader = build_dataloader(cfg, "test", input_size=size,
@@ -43,16 +54,44 @@ def evaluate(cfg: ExperimentConfig, predictor: Predictor, detections_json: Optio
     log.info("evaluating %d images, %d categories in %d prompt(s)", len(dataset), len(dataset.phrases), len(chunks))
     evaluator = CocoEvaluator(dataset.coco_gt, eval_class_ids=cfg.dataset.eval_class_ids,
                               score_threshold=options.conf_threshold)
-    for images, pixel_mask, targets in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
+    batches = shard_loader(loader, rank, world)
+    for images, pixel_mask, targets in tqdm(batches, desc="evaluate", unit="batch", dynamic_ncols=True,
+                                            disable=rank > 0):  # rank 0's bar is the progress of all of them
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         detections = predictor.detect(images, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
         evaluator.update([t["image_id"] for t in targets], detections)
+    return evaluator
+
+
+def score(evaluator: CocoEvaluator, detections_json: Optional[Path] = None,
+          per_class_json: Optional[Path] = None) -> Dict[str, Any]:
+    """The metrics of `evaluator`'s detections (see `evaluate`), writing the optional files."""
     metrics: Dict[str, Any] = evaluator.summarize(detections_json)
     if evaluator.null_reasons:
         metrics["null_reasons"] = dict(evaluator.null_reasons)
     if per_class_json is not None:
         per_class_json.write_text(json.dumps(evaluator.class_metrics, indent=1, allow_nan=False) + "\n")
     return metrics
+
+
+def evaluate_sharded(cfg: ExperimentConfig, processes: int, detections_json: Optional[Path] = None,
+                     per_class_json: Optional[Path] = None) -> Dict[str, Any]:
+    """`evaluate` of evaluate.checkpoint on `processes` worker processes (grounding_dino.actions.sharding): each
+    detects its shard of the test images, and the detections are scored here, once, as one process would."""
+    parts = run_sharded(_detect_shard, cfg, "evaluate", processes)
+    log.info("evaluated %d images on %d processes", sum(len(detections) for detections, _ in parts), processes)
+    evaluator = CocoEvaluator(cfg.dataset.test_data_sources.json_file, eval_class_ids=cfg.dataset.eval_class_ids,
+                              score_threshold=cfg.evaluate.conf_threshold)
+    for detections, nonfinite in parts:  # the shards are disjoint: no image comes twice
+        evaluator.detections.update(detections)
+        evaluator.nonfinite += nonfinite
+    return score(evaluator, detections_json, per_class_json)
+
+
+def _detect_shard(cfg: ExperimentConfig, rank: int, world: int) -> Tuple[Dict[int, List[dict]], int]:
+    """Runs in worker process `rank`: that shard's detections per image id, and how many were not finite."""
+    evaluator = detect(cfg, load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate"), rank, world)
+    return evaluator.detections, evaluator.nonfinite
 
 
 def print_per_class(rows: List[dict]) -> None:
@@ -69,8 +108,13 @@ def _number(value: Optional[float]) -> str:
 def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `evaluate` action: evaluate.checkpoint (or trt_engine) on dataset.test_data_sources."""
     results_dir = run.results_dir
-    predictor = load_predictor(model_path(cfg, "evaluate"), cfg, "evaluate")
-    metrics = evaluate(cfg, predictor, results_dir / "detections.json", results_dir / "per_class.json")
+    path = model_path(cfg, "evaluate")
+    files = results_dir / "detections.json", results_dir / "per_class.json"
+    processes = check_processes(cfg, "evaluate", path)
+    if processes > 1:
+        metrics = evaluate_sharded(cfg, processes, *files)
+    else:
+        metrics = evaluate(cfg, load_predictor(path, cfg, "evaluate"), *files)
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     reasons = metrics.pop("null_reasons", {})
     for name, value in metrics.items():

@@ -15,6 +15,9 @@ Outputs in inference.results_dir, else <results_dir>/inference, for every image 
                               (index in captions), category_name, bbox [x, y, w, h] pixels, score
 Detections below inference.conf_threshold are dropped. With inference.is_internal the outputs keep each image's
 path below its source folder, prefixed by the folder's name; otherwise file names must be unique.
+With inference.num_gpus > 1 the images are split by whole batches across that many worker processes (one per GPU
+under CUDA, sharing the cores on CPU; grounding_dino.actions.sharding); each writes its own images' files, and
+results.json is written once, in image order.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from grounding_dino.actions import ActionRun
+from grounding_dino.actions.sharding import check_processes, run_sharded, shard_loader
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import normalize_name
 from grounding_dino.data.errors import DataError
@@ -129,6 +133,13 @@ def infer_loader(cfg: ExperimentConfig,
 
 def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> List[dict]:
     """Run inference as the spec says and write the outputs; returns the COCO detection records."""
+    return write_results(results_dir, detect_and_draw(cfg, predictor, results_dir))
+
+
+def detect_and_draw(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path, rank: int = 0,
+                    world: int = 1) -> List[dict]:
+    """The images of shard `rank` of `world` (sharding.ShardBatches; all of them when world is 1): their annotated
+    copies and label files written, their COCO detection records returned in image order."""
     options = cfg.inference
     phrases = infer_phrases(cfg)
     colors = phrase_colors(phrases, options.color_map)
@@ -139,7 +150,9 @@ def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> Lis
 
     label_of = {phrase: i for i, phrase in enumerate(phrases)}
     records: List[dict] = []
-    for batch, pixel_mask, targets in tqdm(loader, desc="inference", unit="batch", dynamic_ncols=True):
+    batches = shard_loader(loader, rank, world)
+    for batch, pixel_mask, targets in tqdm(batches, desc="inference", unit="batch", dynamic_ncols=True,
+                                           disable=rank > 0):  # rank 0's bar is the progress of all of them
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         detections = predictor.detect(batch, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
         for target, detection in zip(targets, detections):
@@ -152,8 +165,28 @@ def infer(cfg: ExperimentConfig, predictor: Predictor, results_dir: Path) -> Lis
             records += [{"image_id": target["index"], "file_name": str(out), "category_id": label_of[phrase],
                          "category_name": phrase, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
                         for (x1, y1, x2, y2), phrase, score in found]
+    return records
+
+
+def write_results(results_dir: Path, records: List[dict]) -> List[dict]:
+    """results.json: the records, as they are."""
     (results_dir / "results.json").write_text(json.dumps(records, allow_nan=False) + "\n")
     return records
+
+
+def infer_sharded(cfg: ExperimentConfig, processes: int, results_dir: Path) -> List[dict]:
+    """`infer` with inference.checkpoint on `processes` worker processes (grounding_dino.actions.sharding). Each
+    writes the per-image files of its own images (no two ranks share one); results.json is written here, in image
+    order, as one process writes it."""
+    parts = run_sharded(_infer_shard, cfg, "inference", processes, results_dir)
+    # A stable sort by image keeps each image's records in the order its rank wrote them (best first).
+    return write_results(results_dir, sorted((r for part in parts for r in part), key=lambda r: r["image_id"]))
+
+
+def _infer_shard(cfg: ExperimentConfig, rank: int, world: int, results_dir: Path) -> List[dict]:
+    """Runs in worker process `rank`: that shard's outputs written, its records returned."""
+    predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
+    return detect_and_draw(cfg, predictor, results_dir, rank, world)
 
 
 def _write_image(path: Path, out: Path, found, colors, outline_width: int, results_dir: Path) -> None:
@@ -171,8 +204,12 @@ def _write_image(path: Path, out: Path, found, colors, outline_width: int, resul
 
 def run_inference(cfg: ExperimentConfig, run: ActionRun) -> None:
     """The `inference` action: inference.checkpoint (or trt_engine) on dataset.infer_data_sources."""
-    predictor = load_predictor(model_path(cfg, "inference"), cfg, "inference")
-    records = infer(cfg, predictor, run.results_dir)
+    path = model_path(cfg, "inference")
+    processes = check_processes(cfg, "inference", path)
+    if processes > 1:
+        records = infer_sharded(cfg, processes, run.results_dir)
+    else:
+        records = infer(cfg, load_predictor(path, cfg, "inference"), run.results_dir)
     where = run.results_dir.resolve()
     # Said on stdout too: the outputs' place is otherwise only in the docs, and a job's folder is not the cwd.
     print(f"inference: {len(records)} detections written to {where}: images_annotated/, labels/, results.json")
