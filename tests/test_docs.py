@@ -67,6 +67,7 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 COVERED_ELSEWHERE = {
     ("README.md", "Use your own data"): "tests/test_readme_commands.py",
     ("README.md", "Use pretrained weights"): "tests/test_readme_commands.py",
+    ("README.md", "Scaling out"): "tests/test_multinode.py",
 }
 
 SUBSTITUTIONS = [

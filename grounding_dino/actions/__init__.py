@@ -10,8 +10,9 @@ Training is the exception to the bookkeeping: its status lines come per epoch fr
 
 One run per results folder: the launching process holds an exclusive lock on `<results folder>/.run.lock` (layout.
 RESULTS_LOCK) from before experiment.yaml is written until the action ends, and a second run on the folder is
-refused with the holder's pid (a UserError). The other ranks of a distributed run share the folder with rank 0 and
-take no lock. A preempted training (grounding_dino.preemption) ends with exit code 0 and a PREEMPTED status line.
+refused with the holder's pid (a UserError). The other ranks of a distributed run, on this node or others, take no
+lock and leave the folder to rank 0 (another node may have no such folder). A preempted training
+(grounding_dino.preemption) ends with exit code 0 and a PREEMPTED status line.
 
 Each registry entry names its function as "module:function", imported on first use, so importing this package (the
 CLIs do it before anything heavy) never imports torch. An action function takes the ExperimentConfig and the
@@ -110,8 +111,8 @@ def redacted(spec: Mapping[str, Any]) -> dict:
 
 
 def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
-    """`experiment.yaml`: the spec that runs, secrets left out. Every DDP rank may call it: the file is replaced
-    atomically with the same content."""
+    """`experiment.yaml`: the spec that runs, secrets left out, replaced atomically. run_action writes it from the
+    launching process only (see _launching_process)."""
     path = results_dir / EXPERIMENT_FILE
     replace_atomically(path, yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False))
     return path
@@ -119,8 +120,8 @@ def write_experiment(results_dir: Path, cfg: ExperimentConfig) -> Path:
 
 def warn_no_effect(action: str, cfg: ExperimentConfig) -> None:
     """One stderr line per key of the action's sections that TAO has, this implementation ignores, and the spec
-    sets to a non-default value (config.py's `no_effect=True`); DDP ranks after the first stay quiet."""
-    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+    sets to a non-default value (config.py's `no_effect=True`); the other ranks of a distributed run stay quiet."""
+    if not _launching_process():
         return
     for key, value in no_effect_settings(cfg, ACTION_SECTIONS[action]):
         print(f"WARNING: {key}: {value!r} has no effect in this implementation (the key is accepted so NVIDIA TAO "
@@ -141,7 +142,8 @@ def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **
         REGISTRY[action].precheck(cfg)
     run = ActionRun(results_dir_for(action, cfg))
     with _results_lock(run.results_dir):
-        write_experiment(run.results_dir, cfg)
+        if _launching_process():  # another node's ranks may have no results folder of their own to write
+            write_experiment(run.results_dir, cfg)
         activity = REGISTRY[action].activity
         if activity is None:
             try:
@@ -157,8 +159,8 @@ def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **
 
 def _launching_process() -> bool:
     """False in the other ranks of a distributed run: Lightning relaunches the command line with LOCAL_RANK set,
-    torchrun sets RANK, a multi-node run NODE_RANK, srun SLURM_PROCID. They write the folder together with rank 0,
-    whose lock covers them; taking it too would refuse them."""
+    torchrun sets RANK, a multi-node run NODE_RANK, srun SLURM_PROCID. They leave experiment.yaml, status.json and
+    checkpoints to global rank 0, whose lock covers them; taking it too would refuse them."""
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 

@@ -2,7 +2,9 @@
 
 `run_training` is what `grounding_dino.actions.run_action("train", spec)` runs, for the CLI, jobs and AutoML
 trials alike. Under DDP, Lightning relaunches the same command line once per extra
-local rank, so everything here runs in every rank; files are written by global rank 0 only.
+local rank, so everything here runs in every rank; files are written by global rank 0 only. Several nodes each run
+the same command (train.num_nodes set) under a launcher that tells Lightning where to meet: MASTER_ADDR, MASTER_PORT
+and NODE_RANK, or torchrun, SLURM's srun, LSF, MPI (README "Scaling out").
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                   TorchElasticEnvironment)
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -29,6 +33,7 @@ from grounding_dino.callbacks import (
 )
 from grounding_dino.config import ExperimentConfig, TrainConfig, WandbConfig
 from grounding_dino.data import build_dataloader
+from grounding_dino.errors import UserError
 from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
 from grounding_dino.model.checkpoint import (Checkpoint, load_file, load_weights, read_checkpoint,
                                              settle_model_config)
@@ -59,6 +64,44 @@ def _strategy(train: TrainConfig, accelerator: str, devices):
                              "use 'ddp' on CPU")
         return FSDPStrategy(state_dict_type="full")
     return "ddp" if processes > 1 else "auto"
+
+
+# The cluster managers Lightning detects by itself, in the order it tries them (AcceleratorConnector), with the
+# variable each one takes the node's rank from; the first detected brings its own address and port. Without one,
+# Lightning's LightningEnvironment reads MASTER_ADDR, MASTER_PORT and NODE_RANK (or GROUP_RANK).
+MANAGED_ENVIRONMENTS = ((TorchElasticEnvironment, "GROUP_RANK"), (SLURMEnvironment, "SLURM_NODEID"),
+                        (LSFEnvironment, None), (MPIEnvironment, None))
+
+
+def check_nodes(train: TrainConfig) -> None:
+    """Raise UserError for a multi-node launch whose nodes cannot meet. Unchecked, node 0 of a run started without
+    an address waits for the others until the process-group timeout (30 minutes), and a node started with a
+    NODE_RANK but train.num_nodes 1 trains alone, as a second run writing into node 0's results folder."""
+    env = os.environ
+    managed = next(((kind, variable) for kind, variable in MANAGED_ENVIRONMENTS if kind.detect()), None)
+    if managed is None:
+        name = next((name for name in ("NODE_RANK", "GROUP_RANK") if name in env), None)
+    else:
+        name = managed[1] if managed[1] in env else None
+    if name is not None:
+        try:
+            node_rank = int(env[name])
+        except ValueError:
+            raise UserError(f"{name}={env[name]!r} is not a node rank: set it to 0 on the first node, 1 on the "
+                            "second, and so on") from None
+        if not 0 <= node_rank < train.num_nodes:
+            raise UserError(f"{name}={node_rank} but train.num_nodes is {train.num_nodes}, so node ranks run 0.."
+                            f"{train.num_nodes - 1}. Fix: set train.num_nodes to the number of nodes, the same on "
+                            "every node")
+    if train.num_nodes == 1 or managed is not None:
+        return
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in env] + ([] if name else ["NODE_RANK"])
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise UserError(f"train.num_nodes is {train.num_nodes} but {', '.join(missing)} {verb} not set, so the nodes "
+                        "cannot find each other. Fix: on every node set MASTER_ADDR (node 0's address), MASTER_PORT "
+                        "(a free port there) and NODE_RANK (0 on node 0, 1 on the next, ...), or start the nodes "
+                        "with torchrun or srun (README.md, \"Scaling out\")")
 
 
 def _loggers(results_dir: Path, wandb: WandbConfig) -> list[Logger]:
@@ -149,6 +192,7 @@ def run_training(cfg: ExperimentConfig, run: ActionRun, callbacks: Sequence[Call
     resume = cfg.train.resume_training_checkpoint_path
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"train.resume_training_checkpoint_path {resume} does not exist")
+    check_nodes(cfg.train)
     results_dir = run.results_dir
     seed_everything(cfg.train.seed, workers=True)
     if resume:
