@@ -13,6 +13,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from grounding_dino import config as gd_config
+from runner.cli import build_parser as build_job_parser
 from runner.gdino_cli import build_parser
 from sdk import schema_gen
 from sdk.skill_info import BANK_ROOT, load_skill_info
@@ -329,8 +330,11 @@ def _cli_examples(text: str):
                 parsed = build_parser().parse_args(args[1:])
                 yield parsed.action, parsed.overrides
             elif args[:3] == ["skillbank", "job", "create"]:
-                action = args[args.index("--action") + 1]
-                yield action, [a for a in args[3:] if "=" in a and not a.startswith("-")]
+                parsed = build_job_parser().parse_args(args[1:])
+                roles = {entry.split("=", 1)[0] for entry in parsed.dataset}
+                declared = INFO.data_sources.get(parsed.action, {}).values()
+                assert roles <= {source.source for source in declared}, line
+                yield parsed.action, parsed.overrides
 
 
 @pytest.mark.parametrize("skill", SKILLS)
