@@ -7,8 +7,8 @@ the line right above the fence (blank lines between are allowed):
 
     <!-- not-run: needs a CUDA GPU and TensorRT -->
 
-The reason is required. Blocks under a README heading listed in COVERED_ELSEWHERE are run by the test file named
-there. Other fences (yaml, text, json) are not run; a ```yaml block marked `<!-- spec: <action> -->` is a complete
+The reason is required. Blocks under a README heading listed in COVERED_ELSEWHERE ("Section" or "Section/Subheading") are run by the
+test file named there. Other fences (yaml, text, json) are not run; a ```yaml block marked `<!-- spec: <action> -->` is a complete
 spec and is validated against that action's schema (fast test).
 
 How a document runs (slow tests, one per document): its blocks run in order, in one scratch folder, each block as
@@ -67,7 +67,7 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 COVERED_ELSEWHERE = {
     ("README.md", "Use your own data"): "tests/test_readme_commands.py",
     ("README.md", "Use pretrained weights"): "tests/test_readme_commands.py",
-    ("README.md", "Scaling out"): "tests/test_multinode.py",
+    ("README.md", "Scaling out/Multi-node training"): "tests/test_multinode.py",
 }
 
 SUBSTITUTIONS = [
@@ -111,7 +111,8 @@ class Block:
 
     @property
     def covered_by(self) -> Optional[str]:
-        return COVERED_ELSEWHERE.get((self.doc.name if self.doc.parent == ROOT else "", self.section))
+        name = self.doc.name if self.doc.parent == ROOT else ""
+        return COVERED_ELSEWHERE.get((name, f"{self.section}/{self.heading}"), COVERED_ELSEWHERE.get((name, self.section)))
 
 
 def blocks(doc: Path) -> list[Block]:
