@@ -7,9 +7,9 @@ the line right above the fence (blank lines between are allowed):
 
     <!-- not-run: needs a CUDA GPU and TensorRT -->
 
-The reason is required. Blocks under a README heading listed in COVERED_ELSEWHERE ("Section" or "Section/Subheading") are run by the
-test file named there. Other fences (yaml, text, json) are not run; a ```yaml block marked `<!-- spec: <action> -->` is a complete
-spec and is validated against that action's schema (fast test).
+The reason is required. Blocks under a README heading listed in COVERED_ELSEWHERE ("Section" or
+"Section/Subheading") are run by the test file named there. Other fences (yaml, text, json) are not run; a ```yaml
+block marked `<!-- spec: <action> -->` is a complete spec and is validated against that action's schema (fast test).
 
 How a document runs (slow tests, one per document): its blocks run in order, in one scratch folder, each block as
 `bash -e -o pipefail` (shell) or `python -c` (Python) with .venv/bin first on PATH. The scratch folder holds:
@@ -112,7 +112,8 @@ class Block:
     @property
     def covered_by(self) -> Optional[str]:
         name = self.doc.name if self.doc.parent == ROOT else ""
-        return COVERED_ELSEWHERE.get((name, f"{self.section}/{self.heading}"), COVERED_ELSEWHERE.get((name, self.section)))
+        subsection = COVERED_ELSEWHERE.get((name, f"{self.section}/{self.heading}"))
+        return subsection or COVERED_ELSEWHERE.get((name, self.section))
 
 
 def blocks(doc: Path) -> list[Block]:
