@@ -302,6 +302,38 @@ def test_three_workers_share_a_postgres_study_and_a_killed_workers_trial_is_retr
     assert (results / "best_model" / CHECKPOINT).read_bytes() == f"weights of trial {best.number}".encode()
 
 
+def test_a_worker_stays_for_a_dead_workers_last_trial_and_runs_it_again(postgres, pg_database, tmp_path):
+    """The budget is taken while another machine's worker dies in its trial: the live worker waits for that trial
+    to go stale and runs its parameters, instead of leaving the study one trial short."""
+    results = tmp_path / "results"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(_spec(results, max_trials=2)))
+    gate = tmp_path / "gate"
+    url = postgres.url(pg_database)
+    survivor = _worker(tmp_path, spec_file, "last", url, gate)
+    victim = _worker(tmp_path, spec_file, "last", url, gate, host=OTHER_HOST)
+    try:
+        started = _wait_for_trials(results, [survivor, victim], count=2)
+        victim_trial = int(started[victim.pid].removeprefix("trial_"))
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        gate.touch()
+        output = survivor.communicate(timeout=60)[0]
+    finally:
+        for worker in (survivor, victim):
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    assert survivor.returncode == 0, output
+    assert f"waiting for trial(s) {victim_trial} of other workers" in output, output
+    trials = optuna.load_study(study_name="last", storage=url).trials
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(completed) == 2 and {t.user_attrs[OWNER_ATTR]["pid"] for t in completed} == {survivor.pid}
+    victims = [t for t in trials if t.number == victim_trial]
+    assert victims[0].state == TrialState.FAIL
+    assert [t.params for t in completed if t.system_attrs.get("failed_trial") == victim_trial] == [victims[0].params]
+
+
 def test_workers_racing_to_create_a_new_postgres_study_all_open_it(postgres, pg_database):
     """Workers started together on an empty database race to create Optuna's tables (PostgreSQL answers the
     loser with DuplicateTable); each must end up with the study."""

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
@@ -104,13 +105,23 @@ def run_automl(
 
     started = time.monotonic()
     timeout = settings["timeout"]
+    poll, announced = 2, None  # seconds; a query per poll
     while True:
         for number in fail_dead_trials(study, backend):
             _log(f"trial {number} was left running by a dead process: marked FAIL, its parameters queued again")
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if not waiting and budget_used(trials) >= max_trials:
-            break
+            running = _others_running(trials, backend)
+            if not running or (timeout is not None and time.monotonic() - started >= timeout):
+                break
+            # A worker that dies now leaves its trial to be retried: stay until the running ones end or go stale.
+            if running != announced:
+                _log(f"the budget is taken; waiting for trial(s) {', '.join(map(str, running))} of other workers "
+                     "(a dead one's parameters run again here)")
+                announced = running
+            time.sleep(poll)
+            continue
         if timeout is not None and time.monotonic() - started >= timeout:
             _log(f"automl.timeout of {timeout} s reached: no new trials")
             break
@@ -131,6 +142,17 @@ def run_automl(
         raise RuntimeError(f"AutoML study {name!r} has no completed trial"
                            + (f"; last error: {errors[-1]}" if errors else ""))
     return study
+
+
+def _others_running(trials, storage) -> list[int]:
+    """Numbers of RUNNING trials whose end this worker can wait for: all of them where heartbeats show a dead
+    worker on any host (RDB storages), else only those of live processes on this host."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    watched = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+    host = socket.gethostname()
+    return [t.number for t in trials if t.state == TrialState.RUNNING
+            and (watched or t.user_attrs.get(OWNER_ATTR, {}).get("host") == host)]
 
 
 def trial_spec(spec: Mapping[str, Any], values: Mapping[str, Any], trial_dir: Path) -> Dict[str, Any]:
@@ -175,7 +197,8 @@ def export_best(study: optuna.Study, root: Path, metric: str) -> Optional[Frozen
              "(give workers the job's results_dir, shared between machines)")
         return best
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{name}.partial"
+    # Workers on several machines may copy at once into a shared folder: each writes its own temporary file.
+    partial = folder / f".{name}.{socket.gethostname()}.{os.getpid()}.partial"
     shutil.copyfile(source, partial)
     os.replace(partial, folder / name)
     for old in folder.glob("*.pth"):
