@@ -24,6 +24,7 @@ from grounding_dino.model.checkpoint import config_conflicts
 from grounding_dino.model.criterion import SetCriterion, weighted_total
 from grounding_dino.model.postprocess import post_process
 from grounding_dino.model.text import WEIGHT_FILES, build_bert, is_grounding_dino_folder, resolve_text_encoder
+from grounding_dino.predictor import PromptChunk, TorchPredictor
 
 # Marks our checkpoints the way TAO marks its own.
 TAO_MODEL = "grounding_dino"
@@ -202,8 +203,15 @@ class GroundingDINOModule(LightningModule):
         if self.cfg.train.verbose:
             self._log_terms("val", losses, size)
         orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets])
-        detections = post_process(outputs["pred_logits"], outputs["pred_boxes"], maps, orig_sizes,
-                                  num_select=self.cfg.model.num_select)
+        if bool(pixel_mask.any()):
+            # Scored as evaluate and inference score (Predictor.detect): each image unpadded, so val mAP does not
+            # depend on which images share a batch. The loss above keeps the padded forward training sees.
+            prompts = [[PromptChunk(tuple(t["phrases"]), 0, t["caption"], m)] for t, m in zip(targets, maps)]
+            detections = TorchPredictor(self.model, self.device).detect(images, pixel_mask, orig_sizes, prompts,
+                                                                        self.cfg.model.num_select)
+        else:
+            detections = post_process(outputs["pred_logits"], outputs["pred_boxes"], maps, orig_sizes,
+                                      num_select=self.cfg.model.num_select)
         self.evaluator.update([int(t["image_id"]) for t in targets], detections)
 
     def on_validation_epoch_end(self) -> None:

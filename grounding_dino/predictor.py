@@ -28,7 +28,7 @@ from grounding_dino.data.captions import build_caption, normalize_name
 from grounding_dino.data.tokens import TokenBudget
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import check_source, load_weights, read_checkpoint, settle_model_config
-from grounding_dino.model.postprocess import post_process
+from grounding_dino.model.postprocess import post_process, top_k
 from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
 
 Detections = List[Dict[str, Tensor]]
@@ -93,8 +93,16 @@ def split_prompt(names: Sequence[str], tokenizer) -> List[PromptChunk]:
 def merge_detections(parts: Sequence[Dict[str, Tensor]], num_select: int) -> Dict[str, Tensor]:
     """One image's detections from several prompts: the top `num_select` of their union, best first."""
     scores = torch.cat([p["scores"] for p in parts])
-    keep = scores.topk(min(num_select, scores.numel())).indices
+    _, keep = top_k(scores, num_select)
     return {key: torch.cat([p[key] for p in parts])[keep] for key in ("scores", "labels", "boxes")}
+
+
+def valid_sizes(images: Tensor, pixel_mask: Optional[Tensor]) -> List[Tuple[int, int]]:
+    """Each image's (height, width) inside its padded batch (collate_fn puts images in the top-left corner)."""
+    if pixel_mask is None:
+        return [tuple(images.shape[-2:])] * len(images)
+    valid = ~pixel_mask.bool()
+    return [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,20 +143,44 @@ class Predictor(ABC):
     def predict(self, images: Tensor, pixel_mask: Optional[Tensor], text: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         """images [B,3,H,W] normalised; pixel_mask [B,H,W] True on padding (or None); text from self.tokenizer."""
 
-    def detect(self, images: Tensor, pixel_mask: Optional[Tensor], orig_sizes: Tensor, chunks: Sequence[PromptChunk],
-               num_select: int) -> Detections:
-        """Per image {scores, labels (global phrase index), boxes xyxy in original pixels}, best first."""
-        per_chunk = []
-        for chunk in chunks:
-            text = self.tokenizer([chunk.caption] * len(images), pad_to_max=self.pad_text)
-            logits, boxes = self.predict(images, pixel_mask, text)
-            detections = post_process(logits, boxes, chunk.positive_map, orig_sizes, num_select=num_select)
-            for detection in detections:
-                detection["labels"] = detection["labels"] + chunk.offset
-            per_chunk.append(detections)
-        if len(per_chunk) == 1:
-            return per_chunk[0]
-        return [merge_detections(parts, num_select) for parts in zip(*per_chunk)]
+    def detect(self, images: Tensor, pixel_mask: Optional[Tensor], orig_sizes: Tensor,
+               chunks: Union[Sequence[PromptChunk], Sequence[Sequence[PromptChunk]]], num_select: int) -> Detections:
+        """Per image {scores, labels (global phrase index), boxes xyxy in original pixels}, best first.
+
+        chunks: one prompt (split_prompt's chunks) for every image, or a list with one prompt per image.
+
+        An image's detections do not depend on the rest of the batch: padding changes what the backbone's
+        convolutions see near the image's edge, so the batch runs as groups of images of one size, cropped out of
+        the padding, and each group with its images' own captions (text padding is masked exactly).
+        """
+        prompts = _per_image_prompts(chunks, len(images))
+        sizes = valid_sizes(images, pixel_mask)
+        parts: List[List[Dict[str, Tensor]]] = [[] for _ in images]
+        for step in range(max(len(p) for p in prompts)):
+            groups: Dict[Tuple[int, int], List[int]] = {}
+            for i, prompt in enumerate(prompts):
+                if step < len(prompt):
+                    groups.setdefault(sizes[i], []).append(i)
+            for (height, width), members in groups.items():
+                index = torch.tensor(members)
+                mine = [prompts[i][step] for i in members]
+                text = self.tokenizer([c.caption for c in mine], pad_to_max=self.pad_text)
+                logits, boxes = self.predict(images[index, :, :height, :width], None, text)
+                found = post_process(logits, boxes, [c.positive_map for c in mine], orig_sizes[index],
+                                     num_select=num_select)
+                for i, chunk, detection in zip(members, mine, found):
+                    detection["labels"] = detection["labels"] + chunk.offset
+                    parts[i].append(detection)
+        return [own[0] if len(own) == 1 else merge_detections(own, num_select) for own in parts]
+
+
+def _per_image_prompts(chunks, batch: int) -> List[Sequence[PromptChunk]]:
+    if chunks and isinstance(chunks[0], PromptChunk):
+        return [chunks] * batch
+    if len(chunks) != batch or not all(chunks):
+        raise ValueError(f"{len(chunks)} prompts for a batch of {batch} images: pass one prompt for all of them or "
+                         "one non-empty prompt per image")
+    return list(chunks)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -41,13 +40,12 @@ from grounding_dino.data.errors import DataError
 from grounding_dino.data.images import read_image
 from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
-from grounding_dino.draw import draw_detections, phrase_colors
-from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
+from grounding_dino.detector import SAVE_OPTIONS, Detector, Prediction, prepare
+from grounding_dino.predictor import Predictor, load_predictor, model_path
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-SAVE_OPTIONS = {"JPEG": {"quality": 95}}
 
 
 def list_images(folders: Sequence[str], keep_structure: bool) -> List[Tuple[Path, Path]]:
@@ -79,7 +77,7 @@ def list_images(folders: Sequence[str], keep_structure: bool) -> List[Tuple[Path
 
 
 class ImageList(Dataset):
-    """Images → (normalised tensor, {index, orig_size}) with the eval transforms."""
+    """Images → (normalised tensor, {index, orig_size}) prepared as Detector.predict prepares them."""
 
     def __init__(self, paths: Sequence[Path], transforms):
         self.paths = list(paths)
@@ -95,9 +93,8 @@ class ImageList(Dataset):
         except OSError as err:
             raise DataError(f"dataset.infer_data_sources.image_dir: cannot read image {path}: {err}. Fix: replace "
                             "or remove the file") from None
-        empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64)}
-        tensor, _ = self.transforms(image, empty, np.random.default_rng(index))
-        return tensor, {"index": index, "orig_size": torch.tensor([image.height, image.width])}
+        tensor, orig_size = prepare(image, self.transforms)
+        return tensor, {"index": index, "orig_size": orig_size}
 
 
 def kitti_line(phrase: str, box: Sequence[float], score: float) -> str:
@@ -122,7 +119,7 @@ def infer_phrases(cfg: ExperimentConfig) -> List[str]:
 def infer_loader(cfg: ExperimentConfig,
                  size: Optional[Tuple[int, int]]) -> Tuple[List[Tuple[Path, Path]], DataLoader]:
     """The inference images ((source, output) paths) and their batches, resized to `size` (width, height) or, when
-    None, by the augmentation's test resize."""
+    None, by the augmentation's test resize (Detector.input_size)."""
     options = cfg.inference
     images = list_images(cfg.dataset.infer_data_sources.image_dir, options.is_internal)
     dataset = ImageList([path for path, _ in images], build_transforms(cfg.dataset.augmentation, False, size))
@@ -140,31 +137,25 @@ def detect_and_draw(cfg: ExperimentConfig, predictor: Predictor, results_dir: Pa
                     world: int = 1) -> List[dict]:
     """The images of shard `rank` of `world` (sharding.ShardBatches; all of them when world is 1): their annotated
     copies and label files written, their COCO detection records returned in image order."""
-    options = cfg.inference
-    phrases = infer_phrases(cfg)
-    colors = phrase_colors(phrases, options.color_map)
-    chunks = split_prompt(phrases, predictor.tokenizer)
-    size = predictor.image_size(options.input_width, options.input_height, "inference")
-    images, loader = infer_loader(cfg, size)
+    detector = Detector(predictor, cfg, "inference")
+    phrases = tuple(infer_phrases(cfg))
+    chunks = detector.chunks(phrases)
+    images, loader = infer_loader(cfg, detector.input_size)
     log.info("inference on %d images with %d phrases in %d prompt(s)", len(images), len(phrases), len(chunks))
 
-    label_of = {phrase: i for i, phrase in enumerate(phrases)}
     records: List[dict] = []
     batches = shard_loader(loader, rank, world)
     for batch, pixel_mask, targets in tqdm(batches, desc="inference", unit="batch", dynamic_ncols=True,
                                            disable=rank > 0):  # rank 0's bar is the progress of all of them
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        detections = predictor.detect(batch, pixel_mask, orig_sizes, chunks, cfg.model.num_select)
-        for target, detection in zip(targets, detections):
-            keep = detection["scores"] >= options.conf_threshold
-            found = [(box, phrases[label], score) for box, label, score in zip(
-                detection["boxes"][keep].tolist(), detection["labels"][keep].tolist(),
-                detection["scores"][keep].tolist())]
+        results = detector.predict_batch(batch, pixel_mask, orig_sizes, [phrases] * len(targets))
+        for target, result in zip(targets, results):
             path, out = images[target["index"]]
-            _write_image(path, out, found, colors, options.outline_width, results_dir)
-            records += [{"image_id": target["index"], "file_name": str(out), "category_id": label_of[phrase],
+            _write_image(detector, path, out, result, results_dir)
+            records += [{"image_id": target["index"], "file_name": str(out), "category_id": label,
                          "category_name": phrase, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
-                        for (x1, y1, x2, y2), phrase, score in found]
+                        for (x1, y1, x2, y2), label, phrase, score in zip(
+                            result.boxes.tolist(), result.labels.tolist(), result.phrases, result.scores.tolist())]
     return records
 
 
@@ -189,16 +180,17 @@ def _infer_shard(cfg: ExperimentConfig, rank: int, world: int, results_dir: Path
     return detect_and_draw(cfg, predictor, results_dir, rank, world)
 
 
-def _write_image(path: Path, out: Path, found, colors, outline_width: int, results_dir: Path) -> None:
+def _write_image(detector: Detector, path: Path, out: Path, result: Prediction, results_dir: Path) -> None:
     label_file = results_dir / "labels" / out.with_suffix(".txt")
     label_file.parent.mkdir(parents=True, exist_ok=True)
-    label_file.write_text("".join(kitti_line(phrase, box, score) + "\n" for box, phrase, score in found))
+    label_file.write_text("".join(kitti_line(phrase, box, score) + "\n" for box, phrase, score in zip(
+        result.boxes.tolist(), result.phrases, result.scores.tolist())))
     annotated = results_dir / "images_annotated" / out
     annotated.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(path) as stored:
         image_format = stored.format
     # the boxes are in the coordinates of the image the model saw: converted and EXIF-oriented
-    drawn = draw_detections(read_image(path), found, colors, outline_width)
+    drawn = detector.annotate(path, result)
     drawn.save(annotated, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
 
 

@@ -1,12 +1,12 @@
 """Turn token logits and normalised boxes into scored, labelled detections in original-image pixels.
 
 A phrase's score is the mean sigmoid over its tokens (token probabilities times the row-normalised positive map).
-The top `num_select` (query, phrase) pairs over the whole image are kept, so one query may yield several labels;
-there is no NMS, as in the official and TAO code.
+The top `num_select` (query, phrase) pairs over the whole image are kept (ties in index order), so one query may
+yield several labels; there is no NMS, as in the official and TAO code.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +26,13 @@ def _per_image_maps(positive_maps: PositiveMaps, batch: int) -> List[Tensor]:
         raise ValueError(f"{len(maps)} positive maps for a batch of {batch} images: pass one per image or one "
                          "[num_phrases, max_text_len] map shared by the batch")
     return maps
+
+
+def top_k(scores: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The `k` largest of a 1-D tensor and their indices, best first; equal scores keep their index order, so ties
+    resolve the same way in any batch (torch.topk leaves their order to the kernel)."""
+    values, index = scores.sort(descending=True, stable=True)
+    return values[:k], index[:k]
 
 
 @torch.no_grad()
@@ -57,7 +64,7 @@ def post_process(
             raise ValueError("positive map has no phrases: the prompt must name at least one phrase")
         scores = logits.float().sigmoid() @ normalize_rows(positive_map.to(logits.device).float()).T
         num_classes = scores.shape[-1]
-        top_scores, top_index = scores.flatten().topk(min(num_select, num_queries * num_classes))
+        top_scores, top_index = top_k(scores.flatten(), num_select)
         query = torch.div(top_index, num_classes, rounding_mode="floor")
         scale = torch.stack([width, height, width, height])
         xyxy = torch.minimum(box_convert(boxes.float()[query], "cxcywh", "xyxy").clamp(min=0) * scale, scale)
