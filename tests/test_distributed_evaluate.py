@@ -141,6 +141,7 @@ def test_onnx_model_on_several_processes_is_refused(tiny_train_spec, tmp_path):
     with pytest.raises(UserError, match=rf"^evaluate.num_gpus is 3 but evaluate.checkpoint {model} is an ONNX "
                                         r"model, which runs in one process; [^\n]* Fix: set evaluate.num_gpus to 1$"):
         run_action("evaluate", load_experiment(spec))
+    assert not list(tmp_path.rglob("experiment.yaml")) and not list(tmp_path.rglob("status.json"))
     spec["evaluate"]["num_gpus"] = 1
     assert check_processes(load_experiment(spec), "evaluate", str(model)) == 1
 

@@ -204,6 +204,8 @@ def test_only_the_launching_node_takes_the_lock_and_writes_the_spec(monkeypatch,
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NODE_RANK", node_rank)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     seen = []
     # the action stands in for training: what matters is what run_action wrote before and around it
     monkeypatch.setattr(actions, "get_action", lambda name: lambda cfg, run: seen.append(sorted(

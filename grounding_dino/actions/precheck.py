@@ -1,16 +1,17 @@
 """What each action checks before its results folder exists: the model files it reads.
 
 `run_action` runs an action's check first, so a checkpoint that is missing, is not a checkpoint, holds Python
-objects or contradicts the spec's model settings, and a TensorRT engine on a machine without TensorRT, stop the run
-with one UserError (the spec key, the path or id, the fix) before anything is written. The SDK's preflight checks
-paths and data without torch; these checks need torch (reading a checkpoint) or the runtime's packages (TensorRT),
-so they live here.
+objects or contradicts the spec's model settings, a TensorRT engine on a machine without TensorRT, and a run on
+several nodes or processes that cannot start (NODE_RANK, MASTER_ADDR, num_gpus for a model that runs in one
+process), stop the run with one UserError (the spec key, the path or id, the fix) before anything is written. The
+SDK's preflight checks paths and data without torch; these checks need torch (reading a checkpoint) or the runtime's
+packages (TensorRT), so they live here.
 
 A weights source is checked the way the action will load it, through grounding_dino.model.checkpoint: a local file,
-a transformers GroundingDino folder or a Hugging Face id (downloaded now, into the cache the action then reads), read
-by its one reader (torch.load(weights_only=True), memory-mapped: only the dicts around the tensors are read now), and
-its model settings settled against the spec's (a structural key the spec leaves at its default takes the checkpoint's
-value; only a value the spec sets otherwise is refused).
+a transformers GroundingDino folder or a Hugging Face id (downloaded now, into the cache the action then reads),
+read by its one reader (torch.load(weights_only=True), memory-mapped: only the dicts around the tensors are read
+now), and its model settings settled against the spec's (a structural key the spec leaves at its default takes the
+checkpoint's value; only a value the spec sets otherwise is refused).
 """
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ def _tensorrt(key: str, path: str, gpu_id: int, use: str, instead: str) -> None:
 
 
 def train(cfg: ExperimentConfig) -> None:
+    from grounding_dino.actions.train import check_nodes
+
+    check_nodes(cfg.train)
     resume = cfg.train.resume_training_checkpoint_path
     if resume:
         key = "train.resume_training_checkpoint_path"
@@ -103,7 +107,11 @@ def train(cfg: ExperimentConfig) -> None:
 
 
 def _predict(section: str, cfg: ExperimentConfig) -> None:
+    from grounding_dino.actions.sharding import check_processes
+    from grounding_dino.predictor import model_path
+
     options = getattr(cfg, section)
+    check_processes(cfg, section, model_path(cfg, section))
     _predictor_model(section, cfg)
     if options.trt_engine:
         _tensorrt(f"{section}.trt_engine", options.trt_engine, _gpu(cfg, section), "running the engine",

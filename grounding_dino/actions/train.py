@@ -192,7 +192,6 @@ def run_training(cfg: ExperimentConfig, run: ActionRun, callbacks: Sequence[Call
     resume = cfg.train.resume_training_checkpoint_path
     if resume and not os.path.isfile(resume):
         raise FileNotFoundError(f"train.resume_training_checkpoint_path {resume} does not exist")
-    check_nodes(cfg.train)
     results_dir = run.results_dir
     seed_everything(cfg.train.seed, workers=True)
     if resume:
