@@ -524,8 +524,8 @@ def check_assertion(assertion: dict, workspace: Path, calls: list[dict]) -> str 
         low, high = assertion.get("min", 1), assertion.get("max")
         if len(files) < low or (high is not None and len(files) > high):
             names = [str(p.relative_to(workspace)) for p in files[:5]]
-            return f"{len(files)} files match {assertion['glob']} (wanted {low}..{high if high is not None else 'any'})" \
-                   + (f": {names}" if names else "")
+            wanted = f"{low}..{high if high is not None else 'any'}"
+            return f"{len(files)} files match {assertion['glob']} (wanted {wanted})" + (f": {names}" if names else "")
         return None
     if not files:
         return f"no file matches {assertion['glob']}"
@@ -580,8 +580,12 @@ def _stop_leftover_jobs(workspace: Path) -> None:
 
 
 def run_task(skill: str, task: dict, scratch_root: Path, agent: str | None = None, keep: bool = False,
-             log=print) -> dict:
-    """Run one task (its reference solution, or the agent) in a fresh scratch folder and grade it."""
+             log=print, grade_before: bool = False) -> dict:
+    """Run one task (its reference solution, or the agent) in a fresh scratch folder and grade it.
+
+    grade_before: also grade the workspace as setup left it (result["assertions_before"]), which is what an agent
+    that does nothing would be graded on; a task must fail there, or its assertions prove nothing.
+    """
     Path(scratch_root).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{task['id']}-", dir=scratch_root))
     timeout = task.get("timeout_s", DEFAULT_TIMEOUT_S)
@@ -591,6 +595,8 @@ def run_task(skill: str, task: dict, scratch_root: Path, agent: str | None = Non
     try:
         scratch = prepare(task, skill, root)
         setup_s = time.time() - started
+        if grade_before:
+            result["assertions_before"] = grade(task, scratch)
         run_start = time.time()
         if agent is None:
             steps = run_steps(task["reference_solution"], scratch.env, scratch.workspace, run_start + timeout)
