@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/skillbank demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=30
 
 schemas: $(STAMP)
 	$(BIN)/skillbank schemas generate
