@@ -17,6 +17,7 @@ import math
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -215,13 +216,32 @@ sys.exit(main())
 """
 
 
+def readme_worker_command() -> list:
+    """README "AutoML across machines": the worker command line every machine runs (tests/test_docs.py counts
+    that subsection as run here), as argv."""
+    from tests.test_docs import blocks
+
+    block, = [b for b in blocks(REPO / "README.md") if b.heading == "AutoML across machines" and b.kind == "shell"]
+    assert block.covered_by == "tests/test_automl_postgres.py", block.where
+    lines = [line for line in block.text.replace("\\\n", " ").splitlines() if line.strip()]
+    assert lines[0] == "export PGPASSWORD=...", lines  # the password outside the URL, as the text says
+    argv, = [shlex.split(line) for line in lines[1:]]
+    assert argv[:3] == ["skillbank", "automl", "worker"], argv
+    return argv
+
+
 def _worker(folder: Path, spec_file: Path, study: str, url: str, gate: Path, host: str = "") -> subprocess.Popen:
     script = folder / "skillbank_worker.py"
     if not script.is_file():
         script.write_text(WORKER_SCRIPT.format(tests=str(REPO / "tests")))
     env = dict(os.environ, PYTHONPATH=str(REPO), **{GATE_ENV: str(gate), HOST_ENV: host})
-    command = [sys.executable, str(script), "automl", "worker", "--study", study, "--storage", url,
-               "-e", str(spec_file)]
+    # README's command with this test's study, server and spec in place of its placeholders
+    values = {"--study": study, "--storage": url, "-e": str(spec_file)}
+    argv = readme_worker_command()
+    assert sorted(argv[3::2]) == sorted(values) and len(argv) == 3 + 2 * len(values), argv
+    command = [sys.executable, str(script), *argv[1:3]]
+    for flag in argv[3::2]:
+        command += [flag, values[flag]]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -68,6 +68,7 @@ COVERED_ELSEWHERE = {
     ("README.md", "Use your own data"): "tests/test_readme_commands.py",
     ("README.md", "Use pretrained weights"): "tests/test_readme_commands.py",
     ("README.md", "Scaling out/Multi-node training"): "tests/test_multinode.py",
+    ("README.md", "Scaling out/AutoML across machines"): "tests/test_automl_postgres.py",
 }
 
 SUBSTITUTIONS = [
