@@ -56,13 +56,15 @@ SAVE_OPTIONS = {"JPEG": {"quality": 95}}
 @dataclass
 class Prediction:
     """One image's detections, best first: boxes [N, 4] xyxy in the image's pixels, scores [N], labels [N] (index
-    into `names`, the image's prompt phrases) and phrases [N] (the label's phrase)."""
+    into `names`, the image's prompt phrases) and phrases [N] (the label's phrase); image_size is the image's
+    (width, height), EXIF orientation applied."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     phrases: List[str]
     names: Tuple[str, ...] = field(default=())
+    image_size: Tuple[int, int] = field(default=(0, 0))
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -187,12 +189,13 @@ class Detector:
         detections = self.predictor.detect(images, pixel_mask, orig_sizes, [self.chunks(p) for p in prompts],
                                            self.num_select)
         results = []
-        for names, found in zip(prompts, detections):
+        for names, found, (height, width) in zip(prompts, detections, orig_sizes.tolist()):
             keep = found["scores"] >= threshold
             labels = found["labels"][keep].cpu().numpy()
             results.append(Prediction(boxes=found["boxes"][keep].cpu().numpy(),
                                       scores=found["scores"][keep].cpu().numpy(), labels=labels,
-                                      phrases=[names[label] for label in labels], names=names))
+                                      phrases=[names[label] for label in labels], names=names,
+                                      image_size=(width, height)))
         return results
 
     def annotate(self, image: ImageInput, result: Prediction,

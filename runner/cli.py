@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     automl.add_argument("automl_args", nargs=argparse.REMAINDER)
     automl.set_defaults(func=automl_cmd)
 
-    data = commands.add_parser("data", help="dataset tools: `skillbank data coco2odvg|odvg2coco|contiguous|stats "
-                                            "...`", add_help=False)
+    data = commands.add_parser("data", help="dataset tools: `skillbank data "
+                                            "coco2odvg|odvg2coco|contiguous|stats|autolabel ...`", add_help=False)
     data.add_argument("-h", "--help", action="store_true", dest="data_help")  # REMAINDER cannot start with an option
     data.add_argument("data_args", nargs=argparse.REMAINDER)
     data.set_defaults(func=data_cmd)

@@ -1,5 +1,5 @@
-"""`skillbank data coco2odvg|odvg2coco|contiguous|stats`: dataset conversion (sdk.data_convert) and
-statistics (sdk.data_stats).
+"""`skillbank data coco2odvg|odvg2coco|contiguous|stats|autolabel`: dataset conversion (sdk.data_convert),
+statistics (sdk.data_stats) and auto-labelling with a model (grounding_dino.autolabel, which loads torch).
 
 Exit codes: 0 success, 2 a file the tools cannot read (the message names it and the fix).
 """
@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from sdk.data_convert import coco_to_odvg, make_contiguous, odvg_to_coco
 from sdk.data_stats import dataset_stats
-from sdk.errors import run_command
+from sdk.errors import SkillBankError, run_command
 
 
 def _coco2odvg(args) -> int:
@@ -47,9 +47,30 @@ def _stats(args) -> int:
     return 0
 
 
+def _autolabel(args) -> int:
+    from grounding_dino.autolabel import autolabel
+    from grounding_dino.errors import UserError
+
+    options = {key: value for key, value in (("batch_size", args.batch_size), ("resize", args.resize),
+                                             ("max_size", args.max_size), ("text_encoder_type", args.text_encoder))
+               if value is not None}
+    try:
+        done = autolabel(args.images, args.prompts, args.checkpoint, args.out, threshold=args.threshold,
+                         name=args.name, spec=args.spec, **options)
+    except (UserError, ValueError, OSError) as err:  # a model, folder or prompt the user can fix
+        raise SkillBankError(str(err)) from None
+    counts = ", ".join(f"{phrase} {count}" for phrase, count in done["per_phrase"].items())
+    print(f"{done['images']} images, {done['boxes']} boxes at score >= {args.threshold} ({counts})")
+    for key in ("odvg", "label_map", "coco"):
+        print(done[key])
+    print(f"train on them: dataset.train_data_sources=[{{image_dir: {args.images}, json_file: {done['odvg']}, "
+          f"label_map: {done['label_map']}}}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillbank data", description="Dataset tools: COCO <-> ODVG, contiguous "
-                                                                        "category ids, statistics.")
+                                                                        "category ids, statistics, auto-labelling.")
     tools = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
 
     sub = tools.add_parser("coco2odvg", help="COCO -> <name>_odvg.jsonl + <name>_odvg_labelmap.json")
@@ -76,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                                             "counts (default: an estimate)")
     sub.add_argument("--json", action="store_true", help="print the numbers as JSON")
     sub.set_defaults(func=_stats)
+
+    sub = tools.add_parser("autolabel", help="label a folder of images with a model: <name>_odvg.jsonl + "
+                                             "<name>_odvg_labelmap.json + <name>_coco.json")
+    sub.add_argument("images", help="folder of images (searched recursively)")
+    sub.add_argument("--prompts", required=True, help='comma-separated phrases, e.g. "person, helmet"')
+    sub.add_argument("--checkpoint", required=True, help=".pth checkpoint, .onnx model, GroundingDino folder or "
+                                                         "Hugging Face id")
+    sub.add_argument("--out", required=True, help="output folder")
+    sub.add_argument("--threshold", type=float, default=0.3, help="lowest score kept (default %(default)s)")
+    sub.add_argument("--name", default="autolabel", help="output file prefix (default %(default)s)")
+    sub.add_argument("--spec", help="spec YAML for settings the model does not carry (test-time resize, ...)")
+    sub.add_argument("--resize", type=int, help="shorter image side the model sees "
+                                                "(dataset.augmentation.test_random_resize)")
+    sub.add_argument("--max-size", type=int, help="longest side (dataset.augmentation.random_resize_max_size)")
+    sub.add_argument("--batch-size", type=int, help="images per batch")
+    sub.add_argument("--text-encoder", help="model.text_encoder_type, which an .onnx model needs")
+    sub.set_defaults(func=_autolabel)
     return parser
 
 

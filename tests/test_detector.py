@@ -111,6 +111,7 @@ def test_paths_pil_images_and_arrays_give_one_result(tiny, tmp_path):
     assert set(by_path.phrases) <= set(by_path.names)
     assert by_path.phrases == [by_path.names[i] for i in by_path.labels]
     height, width = SIZES[0]
+    assert by_path.image_size == by_array.image_size == (width, height)
     assert (by_path.boxes >= 0).all() and (by_path.boxes[:, [0, 2]] <= width).all()
     assert (by_path.boxes[:, [1, 3]] <= height).all()
     assert list(by_path.scores) == sorted(by_path.scores, reverse=True)
