@@ -6,8 +6,9 @@
    The vocabulary mixes colours and shapes the base model knows with new ones (orange, purple, hexagon); the
    combinations in HOLDOUT never appear in training or val, only in the inference images.
 2. The workflow `examples/demo_workflow.py` (generated from `examples/demo_workflow.yaml` by `skillbank runner
-   generate`): AutoML fine-tuning from the base model -> evaluate -> inference with text prompts -> ONNX export ->
-   evaluate of the ONNX model on ONNX Runtime.
+   generate`): AutoML fine-tuning from the base model -> evaluate -> inference with text prompts (the inference
+   action, which predicts through grounding_dino.Detector) -> ONNX export -> evaluate of the ONNX model on ONNX
+   Runtime.
 3. A summary: time per step, the best trial's parameters and val mAP50, test mAP50 in PyTorch and ONNX Runtime,
    and per prompt how many of the inference images' objects were found (the held-out phrase included).
 
