@@ -463,6 +463,13 @@ class EvaluateConfig:
     conf_threshold: float = param(0.0, "Detections below this score are dropped before COCO evaluation.",
                                   minimum=0.0, maximum=1.0)
     batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1, maximum=1024)
+    train_vocabulary: List[str] = param(
+        [], "Files holding the phrases the model was fine-tuned on: training label maps (*_labelmap.json), COCO "
+        "files or grounding ODVG files. When set, mAP and mAP50 are also reported per group of test categories: "
+        "seen in fine-tuning (mAP_seen), every word seen but never together (mAP_unseen_combination), and holding "
+        "a word never seen (mAP_unseen_word), so a fine-tune that forgot the open vocabulary shows. An evaluate "
+        "job with a train parent gets the parent's label maps (or annotation files). TAO has no such key.",
+        max_items=256)
 
 
 @dataclass

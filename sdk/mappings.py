@@ -219,6 +219,19 @@ def parent_model(ctx: MappingContext, key: str) -> Any:
     return str(parent_artifact(ctx.parent, key, ctx.parent_epoch, ctx.parent_step))
 
 
+@register("parent_train_vocabulary")
+def parent_train_vocabulary(ctx: MappingContext, key: str) -> Any:
+    """A train parent's label maps (its annotation files where it has none): the phrases its model was fine-tuned
+    on, which evaluate splits the test categories by. Only local files: an s3:// source was fetched into the
+    parent's job, not this one."""
+    if ctx.parent is None or ctx.parent.action != "train" or get_path(ctx.spec, key, None):
+        return KEEP
+    sources = get_path(parent_settings(ctx.parent), "dataset.train_data_sources", None) or []
+    files = [source.get("label_map") or source.get("json_file") for source in sources if isinstance(source, dict)]
+    files = [name for name in files if isinstance(name, str) and "://" not in name]
+    return files or KEEP
+
+
 @register("resume_model")
 def resume_model(ctx: MappingContext, key: str) -> Any:
     roots = _result_roots(ctx.job_dir, ctx.action, ctx.spec)

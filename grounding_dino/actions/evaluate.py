@@ -9,7 +9,10 @@ merged (Predictor.detect), so 80+ classes are all scored instead of being cut of
 
 Writes `results.json` (every COCO metric), `detections.json` (the COCO results list), `per_class.json` (AP and
 AP50 of each category, also printed weakest first) and `status.json` (KPIs test_mAP, test_mAP50) into
-evaluate.results_dir, else <results_dir>/evaluate.
+evaluate.results_dir, else <results_dir>/evaluate. With evaluate.train_vocabulary the categories are also scored in
+three groups, seen in fine-tuning, unseen combinations of seen words and holding an unseen word
+(grounding_dino.evaluation.vocabulary): mAP_seen, mAP50_seen, ... in results.json and the KPIs, the groups'
+categories in `vocabulary.json`.
 
 With evaluate.num_gpus > 1 the test images are split by whole batches across that many worker processes (one per GPU
 under CUDA, sharing the cores on CPU; grounding_dino.actions.sharding) and their detections scored here once, so
@@ -29,7 +32,7 @@ from grounding_dino.actions import ActionRun
 from grounding_dino.actions.sharding import check_processes, run_sharded, shard_loader
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data import build_dataloader
-from grounding_dino.evaluation import CocoEvaluator
+from grounding_dino.evaluation import CocoEvaluator, vocabulary
 from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
 
 log = logging.getLogger(__name__)
@@ -115,11 +118,22 @@ def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
         metrics = evaluate_sharded(cfg, processes, *files)
     else:
         metrics = evaluate(cfg, load_predictor(path, cfg, "evaluate"), *files)
+    per_class = json.loads((results_dir / "per_class.json").read_text())
+    groups = None
+    if cfg.evaluate.train_vocabulary:
+        groups = vocabulary.split(per_class, vocabulary.training_phrases(cfg.evaluate.train_vocabulary))
+        values, why = vocabulary.metrics(groups)
+        metrics.update(values)
+        if why:
+            metrics["null_reasons"] = {**metrics.get("null_reasons", {}), **why}
+        (results_dir / "vocabulary.json").write_text(json.dumps(groups, indent=1, allow_nan=False) + "\n")
     (results_dir / "results.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     reasons = metrics.pop("null_reasons", {})
     for name, value in metrics.items():
         print(f"{name:>10}: {_number(value)}" + (f" ({reasons[name]})" if name in reasons else ""))
-    print_per_class(json.loads((results_dir / "per_class.json").read_text()))
+    print_per_class(per_class)
+    if groups is not None:
+        vocabulary.print_table(groups)
     extra = {"null_reasons": {f"test_{name}": why for name, why in reasons.items()}} if reasons else {}
     run.report.succeed("Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()},
                        **extra)

@@ -120,6 +120,16 @@ def _predict(section: str, cfg: ExperimentConfig) -> None:
 
 def evaluate(cfg: ExperimentConfig) -> None:
     _predict("evaluate", cfg)
+    if cfg.evaluate.train_vocabulary:
+        from grounding_dino.evaluation.vocabulary import VocabularyError, training_phrases
+        from grounding_dino.formats.files import FormatError
+
+        try:
+            training_phrases(cfg.evaluate.train_vocabulary)
+        except (VocabularyError, FormatError, OSError) as err:
+            raise UserError(str(err) if isinstance(err, VocabularyError) else
+                            f"evaluate.train_vocabulary: {err}. Fix: give the training label maps, COCO or "
+                            "grounding ODVG files the model was fine-tuned on") from None
 
 
 def inference(cfg: ExperimentConfig) -> None:
