@@ -203,9 +203,12 @@ class GroundingDINOModule(LightningModule):
         if self.cfg.train.verbose:
             self._log_terms("val", losses, size)
         orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets])
-        if bool(pixel_mask.any()):
+        fsdp = type(self.trainer.strategy).__name__ == "FSDPStrategy"
+        if bool(pixel_mask.any()) and not fsdp:
             # Scored as evaluate and inference score (Predictor.detect): each image unpadded, so val mAP does not
-            # depend on which images share a batch. The loss above keeps the padded forward training sees.
+            # depend on which images share a batch. The loss above keeps the padded forward training sees. Not
+            # under FSDP: its forward gathers weights collectively, so every rank must run as many forwards, and
+            # the number of image sizes differs between ranks.
             prompts = [[PromptChunk(tuple(t["phrases"]), 0, t["caption"], m)] for t, m in zip(targets, maps)]
             detections = TorchPredictor(self.model, self.device).detect(images, pixel_mask, orig_sizes, prompts,
                                                                         self.cfg.model.num_select)

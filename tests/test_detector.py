@@ -154,3 +154,48 @@ def test_top_k_ties_keep_index_order():
     first, second = post_process(logits, boxes, positive_map, torch.tensor([[10, 10], [10, 10]]), num_select=7)
     expected = torch.arange(7)
     assert torch.equal(first["labels"], expected % 3) and torch.equal(second["labels"], expected % 3)
+
+
+def _mixed_size_val(root):
+    """Eight 256 px synthetic val images of the base vocabulary, every other one cropped to 256x160 (boxes inside the
+    crop kept), so the test resize gives two shapes and batches need padding."""
+    from grounding_dino.data.synthetic import generate
+
+    paths = generate(str(root), num_train=4, num_val=8, image_size=256, max_objects=3, seed=5,
+                     colors=("red", "blue"), shapes=("circle", "square"))
+    coco = json.loads(open(paths["val_json_file"]).read())
+    for image in coco["images"][1::2]:
+        path = f"{paths['val_image_dir']}/{image['file_name']}"
+        Image.open(path).crop((0, 0, 256, 160)).save(path, quality=95)
+        image["height"] = 160
+    heights = {image["id"]: image["height"] for image in coco["images"]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["bbox"][1] + a["bbox"][3] <= heights[a["image_id"]]]
+    with open(paths["val_json_file"], "w") as f:
+        json.dump(coco, f)
+    return paths
+
+
+@pytest.mark.slow
+def test_training_validation_of_padded_batches_equals_evaluate_at_batch_1(tmp_path):
+    """Validation pads each batch to its largest image (fixed_padding false); it must still score what evaluate
+    scores one image at a time. About 30 s: one epoch of the base model on four images."""
+    from grounding_dino.actions import run_action
+    from grounding_dino.status import read_status
+    from runner.base_model import BASE_MODEL, train_spec
+
+    paths = _mixed_size_val(tmp_path / "data")
+    spec = train_spec(paths, str(tmp_path / "runs"), epochs=1, batch_size=4, cuda=False, workers=0,
+                      validation_interval=1, decay_by_epoch=True, lr=1e-6)
+    spec["train"]["pretrained_model_path"] = str(BASE_MODEL)
+    assert run_action("train", spec) == 0
+    kpi = [r["kpi"] for r in read_status(tmp_path / "runs" / "train" / "status.json") if "val_mAP50" in r.get("kpi",
+                                                                                                             {})][-1]
+    assert kpi["val_mAP50"] > 0.1, "the base model found nothing: the comparison would be vacuous"
+    spec["dataset"]["test_data_sources"] = dict(spec["dataset"]["val_data_sources"])
+    spec["dataset"]["batch_size"] = 1
+    spec["evaluate"] = {"checkpoint": str(tmp_path / "runs" / "train" / "gdino_model_latest.pth"),
+                        "results_dir": str(tmp_path / "eval")}
+    assert run_action("evaluate", spec) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["mAP50"] == pytest.approx(kpi["val_mAP50"], abs=1e-6)
+    assert results["mAP"] == pytest.approx(kpi["val_mAP"], abs=1e-6)
