@@ -53,7 +53,7 @@ OPTIONS: Dict[str, str] = {
 SAVE_OPTIONS = {"JPEG": {"quality": 95}}
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value to compare by
 class Prediction:
     """One image's detections, best first: boxes [N, 4] xyxy in the image's pixels, scores [N], labels [N] (index
     into `names`, the image's prompt phrases) and phrases [N] (the label's phrase); image_size is the image's
@@ -167,8 +167,9 @@ class Detector:
                 threshold: Optional[float] = None) -> Union[Prediction, List[Prediction]]:
         """Detections of `prompts` in `images`, one Prediction per image (a list for a list of images).
 
-        prompts: one prompt for every image (a list of phrases, or "person, helmet"), or a list of prompts, one
-        per image. Detections scoring below `threshold` (default: the spec's inference.conf_threshold) are dropped.
+        prompts: one prompt for every image (a list of phrases, or "person, helmet"), or one prompt per image as a
+        list of lists of phrases ([["person"], ["car", "bus"]]). Detections scoring below `threshold` (default: the
+        spec's inference.conf_threshold) are dropped.
         """
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
