@@ -1,7 +1,9 @@
-"""Median inference latency at 960x544, batch 1: PyTorch eager vs ONNX Runtime (float) vs ONNX Runtime (INT8 QDQ).
+"""Median inference latency at 960x544, batch 1: PyTorch eager vs ONNX Runtime (float, GridSample or gather
+deformable attention) vs ONNX Runtime (INT8 QDQ).
 
 The small config of small_config.py (resnet_18, hidden 128, 2+2 layers, 100 queries, max_text_len 256, the MiniLM
-text encoder) with random-init weights is exported with the export action's code, quantized with the quantize
+text encoder) with random-init weights is exported with the export action's code (twice: export.msda_impl
+grid_sample and gather, the TensorRT-safe graph), quantized with the quantize
 action's static INT8 path (calibrated on rendered shape images with their captions), and the three run on the same
 inputs alternately (eager, ORT, INT8, eager, ...) in one process so machine noise hits all alike. Prints the
 medians and the ratios to eager (goal: ONNX Runtime <= 0.6x eager).
@@ -47,7 +49,11 @@ def build(folder: Path):
     feeds = ({k: v.numpy() for k, v in sample_inputs(model, cfg, WIDTH, HEIGHT, 1, seed=s).items()} for s in range(8))
     int8_path = static_int8(prepared, folder / "model_int8.onnx", feeds)
     sample = sample_inputs(model, cfg, WIDTH, HEIGHT, 1, seed=100)
-    return model, float_path, int8_path, sample
+    cfg.export.msda_impl = "gather"
+    gather_path, check = export_model(model, cfg, folder / "model_gather.onnx")
+    print(f"gather export check: max |ORT - eager| logits {check.max_abs_diff_logits:.2e}, boxes "
+          f"{check.max_abs_diff_boxes:.2e}", flush=True)
+    return model, float_path, gather_path, int8_path, sample
 
 
 def session(path: Path, threads: int, level: str):
@@ -70,10 +76,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model, float_path, int8_path, sample = build(Path(tmp))
+        model, float_path, gather_path, int8_path, sample = build(Path(tmp))
         feed = {k: v.numpy() for k, v in sample.items()}
-        ort_float, ort_int8 = session(float_path, args.threads, args.opt_level), session(int8_path, args.threads,
-                                                                                         args.opt_level)
+        ort_float, ort_gather, ort_int8 = (session(path, args.threads, args.opt_level)
+                                           for path in (float_path, gather_path, int8_path))
 
         def eager():
             with torch.inference_mode():
@@ -81,6 +87,7 @@ def main() -> None:
 
         runners = {"pytorch eager": eager,
                    "onnxruntime fp32": lambda: ort_float.run(None, feed),
+                   "ort fp32 gather": lambda: ort_gather.run(None, feed),
                    "onnxruntime int8": lambda: ort_int8.run(None, feed)}
         times = {name: [] for name in runners}
         for round_ in range(args.runs + 2):

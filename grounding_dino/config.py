@@ -156,7 +156,8 @@ def _copy(value):
 
 @dataclass
 class TrainDataSource:
-    image_dir: Optional[str] = param(None, "Folder of training images (file_name in the annotations is relative to it).")
+    image_dir: Optional[str] = param(None, "Folder of training images (file_name in the annotations is relative "
+                                           "to it).")
     json_file: Optional[str] = param(None, "ODVG JSONL annotations (detection or grounding), or COCO JSON.")
     label_map: Optional[str] = param(
         None, "Label map JSON {\"0\": \"name\", ...} for detection ODVG. Leave empty for grounding ODVG."
@@ -516,6 +517,12 @@ class ExportConfig:
     batch_size: int = param(-1, "Batch size baked into the ONNX; -1 = dynamic.", minimum=-1, maximum=1024)
     verbose: bool = param(False, "Print the exporter's graph.")
     format: str = param("onnx", "Export format.", options=("onnx",))
+    msda_impl: str = param(
+        "grid_sample", "How deformable attention samples its feature maps in the graph: grid_sample (one GridSample "
+        "op per level) or gather (the same bilinear sampling as index arithmetic and Gather ops). Use gather for "
+        "TensorRT 10.14 and later: they can compile GridSample-based deformable attention wrongly, with no error "
+        "(NVIDIA/TensorRT#4813), and gen_trt_engine warns about such a graph there. "
+        "Both match PyTorch (export.verify checks it). TAO has no such key.", options=("grid_sample", "gather"))
     verify: bool = param(True, "Run ONNX Runtime on a sample and compare with PyTorch after export.")
     verify_tolerance: float = param(1e-3, "Largest allowed |ONNX - PyTorch| on finite logits and boxes.",
                                     exclusive_minimum=0.0)

@@ -39,6 +39,7 @@ from grounding_dino.data.transforms import build_transforms
 from grounding_dino.layout import results_dir_for
 from grounding_dino.model import transformer
 from grounding_dino.model.checkpoint import check_source
+from grounding_dino.model.ms_deform_attn import MSDeformAttn
 from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,21 @@ def verification_feeds(model: nn.Module, cfg: ExperimentConfig, batch: int) -> L
     return [sample_inputs(model, cfg, width, height, size, seed=size) for size in sizes]
 
 
+@contextmanager
+def msda_sampling(model: nn.Module, sampling: str):
+    """Deformable attention samples with `sampling` (ms_deform_attn.SAMPLERS) inside the block; PyTorch runs, such
+    as the verification after export, keep their own path."""
+    layers = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    before = [m.sampling for m in layers]
+    for layer in layers:
+        layer.sampling = sampling
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, before):
+            layer.sampling = old
+
+
 def export_model(model: nn.Module, cfg: ExperimentConfig, path: Path) -> Tuple[Path, Verification | None]:
     """Export `model` as the spec's export section says, check the contract and (export.verify) compare with
     PyTorch; raises ExportVerificationError above export.verify_tolerance."""
@@ -262,8 +278,9 @@ def export_model(model: nn.Module, cfg: ExperimentConfig, path: Path) -> Tuple[P
         raise ValueError("export.batch_size 0: use -1 for a dynamic batch or a positive fixed batch size")
     # Trace at batch 2 when dynamic, so no size-1 axis gets folded into a constant.
     example = sample_inputs(model, cfg, options.input_width, options.input_height, 2 if batch == -1 else batch)
-    export_onnx(model, path, example, dynamic_batch=batch == -1, opset_version=options.opset_version,
-                verbose=options.verbose)
+    with msda_sampling(model, options.msda_impl):
+        export_onnx(model, path, example, dynamic_batch=batch == -1, opset_version=options.opset_version,
+                    verbose=options.verbose)
     check_contract(path, max_text_len=model.max_text_len, num_queries=model.cfg.num_queries,
                    width=options.input_width, height=options.input_height, batch=batch)
     if not options.verify:

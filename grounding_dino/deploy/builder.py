@@ -1,4 +1,5 @@
-"""The TensorRT engine builder behind the gen_trt_engine action: an exported ONNX (the deploy contract) -> a serialized TensorRT engine.
+"""The TensorRT engine builder behind the gen_trt_engine action: an exported ONNX (the deploy contract) -> a
+serialized TensorRT engine.
 
 One optimization profile: the batch runs gen_trt_engine.tensorrt.min/opt/max_batch_size, every other axis is the
 ONNX's own (image height/width, text length = model.max_text_len). FP32 or FP16; INT8 engines come from a QDQ ONNX
@@ -52,6 +53,26 @@ def has_qdq(path: Path) -> bool:
 
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
                for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+# TensorRT 10.14 and later (11.x included) can compile GridSample-based deformable attention wrongly, with no error:
+# detections shift or vanish (NVIDIA/TensorRT#4813; 10.13 and ONNX Runtime are right).
+GRIDSAMPLE_BROKEN_SINCE = (10, 14)
+
+
+def gridsample_warning(path: Path, trt_version: str) -> str | None:
+    """A warning when `path` samples with GridSample and this TensorRT is one that can get it wrong, else None."""
+    import onnx
+
+    release = tuple(int(part) for part in trt_version.split(".")[:2] if part.isdigit())
+    if release < GRIDSAMPLE_BROKEN_SINCE:
+        return None
+    count = sum(n.op_type == "GridSample" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    if not count:
+        return None
+    return (f"{path} holds {count} GridSample op(s) and TensorRT {trt_version} can compute them wrongly without an "
+            "error (NVIDIA/TensorRT#4813). Fix: export again with export.msda_impl=gather, which samples with "
+            "Gather ops instead")
 
 
 def engine_profile(inputs: Dict[str, Tuple[ONNX_DIM, ...]], options: TensorRTConfig, *, max_text_len: int,
@@ -175,6 +196,9 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTConfig, *,
     source = onnx_path
     if options.data_type == "FP16" and (typed_only or qdq):
         source = fp16_onnx(onnx_path, engine_path.with_suffix(".fp16.onnx"))
+    warning = gridsample_warning(onnx_path, trt.__version__)
+    if warning:
+        log.warning(warning)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0

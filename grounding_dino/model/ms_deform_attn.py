@@ -29,6 +29,36 @@ def ms_deform_attn_core(value: Tensor, shapes: List[Tuple[int, int]], grids: Ten
     return out.view(batch, heads * dim, queries).transpose(1, 2)
 
 
+def ms_deform_attn_gather(value: Tensor, shapes: List[Tuple[int, int]], grids: Tensor, weights: Tensor) -> Tensor:
+    """ms_deform_attn_core with the bilinear sampling written out as index arithmetic and gathers, the same numbers
+    (zero padding, align_corners=False) without a GridSample op in the exported graph: TensorRT 10 computes
+    GridSample wrongly in some builds (NVIDIA/TensorRT#4813), silently, so detections shift with no error."""
+    batch, _, heads, dim = value.shape
+    rows, _, points, queries, _ = grids.shape
+    out = 0
+    for level, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[level]
+        value_l = value_l.flatten(2).transpose(1, 2).reshape(rows, dim, h * w)
+        # -1 and 1 are the outer edges of the corner pixels; pixel centres sit at integer + 0.5
+        x = (grids[:, level, ..., 0] + 1) * (w / 2) - 0.5
+        y = (grids[:, level, ..., 1] + 1) * (h / 2) - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        sampled = 0
+        for dx, dy, share in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy),
+                              (1, 1, fx * fy)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)  # outside the map reads zeros
+            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().view(rows, 1, points * queries)
+            corner = value_l.gather(2, index.expand(rows, dim, points * queries)).view(rows, dim, points, queries)
+            sampled = sampled + corner * (share * inside.to(share.dtype))[:, None]
+        out = out + (sampled * weights[:, level]).sum(2)
+    return out.view(batch, heads * dim, queries).transpose(1, 2)
+
+
+SAMPLERS = {"grid_sample": ms_deform_attn_core, "gather": ms_deform_attn_gather}
+
+
 @functools.lru_cache(maxsize=64)
 def _level_scale(shapes: Tuple[Tuple[int, int], ...], heads: int, points: int, dtype: torch.dtype,
                  device: torch.device, inference_mode: bool) -> Tensor:
@@ -51,6 +81,7 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling = "grid_sample"  # SAMPLERS key of the plain-PyTorch path; export may ask for "gather"
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -103,4 +134,4 @@ class MSDeformAttn(nn.Module):
             grids = offsets + (2 * reference - 1)
         grids = grids.reshape(batch * heads, levels, points, queries, 2)
         weights = weights.permute(0, 2, 3, 1).reshape(batch * heads, levels, 1, points, queries)
-        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, grids, weights))
+        return self.output_proj(SAMPLERS[self.sampling](value, spatial_shapes, grids, weights))
