@@ -271,6 +271,18 @@ def test_a_hub_id_runs_through_the_grounding_dino_cli(hub, tmp_path):
     assert not (tmp_path / "unknown").exists()
 
 
+def test_a_hub_id_loads_in_the_python_api(hub, tmp_path):
+    """Detector.load(<hub id>) goes through the same hub loading as evaluate.checkpoint."""
+    code = ("import numpy as np; from grounding_dino import Detector; "
+            f"d = Detector.load({GDINO_ID!r}, resize=96, max_size=128, threshold=0.0, num_select=5); "
+            "r = d.predict(np.zeros((96, 80, 3), np.uint8), 'red circle'); "
+            "print(len(r), r.phrases[0], r.image_size, d.predictor.name)")
+    done = subprocess.run([sys.executable, "-c", code], env=hub["env"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["5", "red", "circle", "(80,", "96)", "torch"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # local files and folders (no hub)
 
