@@ -517,6 +517,12 @@ class ExportConfig:
     batch_size: int = param(-1, "Batch size baked into the ONNX; -1 = dynamic.", minimum=-1, maximum=1024)
     verbose: bool = param(False, "Print the exporter's graph.")
     format: str = param("onnx", "Export format.", options=("onnx",))
+    fixed_captions: List[str] = param(
+        [], "Phrases baked into a fixed-vocabulary model: the text encoder runs once at export, its features, the "
+        "text masks and the phrase map become constants, and the ONNX takes only the image and outputs "
+        "pred_logits, pred_boxes and phrase_scores [B, num_queries, phrases], so deploying it needs no tokenizer or "
+        "text encoder. Evaluate and inference run it when prompted with exactly these phrases (the ONNX metadata "
+        "names them). Empty: the full model, prompted at run time. TAO has no such key.", max_items=1000)
     msda_impl: str = param(
         "grid_sample", "How deformable attention samples its feature maps in the graph: grid_sample (one GridSample "
         "op per level) or gather (the same bilinear sampling as index arithmetic and Gather ops). Use gather for "

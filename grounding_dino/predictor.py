@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from grounding_dino.config import ExperimentConfig
+from grounding_dino.errors import UserError
 from grounding_dino.data.captions import build_caption, normalize_name
 from grounding_dino.data.tokens import TokenBudget
 from grounding_dino.model import build_model
@@ -35,6 +37,10 @@ Detections = List[Dict[str, Tensor]]
 
 # The export contract (docs/architecture.md, "Export"): input names in forward order, output names.
 ONNX_INPUTS = ("inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask")
+# A fixed-vocabulary export (export.fixed_captions) takes only `inputs`; this ONNX metadata entry holds its phrases,
+# caption and token ids as JSON, and it also outputs PHRASE_SCORES [B,Q,P].
+FIXED_VOCABULARY = "grounding_dino.fixed_vocabulary"
+PHRASE_SCORES = "phrase_scores"
 ONNX_OUTPUTS = ("pred_logits", "pred_boxes")
 
 _BACKENDS: Dict[str, str] = {
@@ -261,15 +267,19 @@ class OnnxPredictor(Predictor):
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        if set(inputs) != set(ONNX_INPUTS) or not set(ONNX_OUTPUTS) <= set(outputs):
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.fixed = json.loads(metadata[FIXED_VOCABULARY]) if FIXED_VOCABULARY in metadata else None
+        expected = ["inputs"] if self.fixed else list(ONNX_INPUTS)
+        if set(inputs) != set(expected) or not set(ONNX_OUTPUTS) <= set(outputs):
             raise ValueError(f"{path}: inputs {sorted(inputs)} and outputs {outputs} do not follow the export "
-                             f"contract (inputs {list(ONNX_INPUTS)}, outputs {list(ONNX_OUTPUTS)}); re-export it "
-                             "with the export action")
+                             f"contract (inputs {expected}, outputs {list(ONNX_OUTPUTS)}); re-export it with the "
+                             "export action")
+        self.path = path
         batch, _, height, width = inputs["inputs"].shape
         if not all(isinstance(side, int) for side in (height, width)):
             raise ValueError(f"{path}: the image input has a dynamic size {inputs['inputs'].shape}; the export "
                              "contract fixes height and width")
-        self.text_len = inputs["input_ids"].shape[1]
+        self.text_len = len(self.fixed["input_ids"]) if self.fixed else inputs["input_ids"].shape[1]
         if self.text_len != tokenizer.max_text_len:
             raise ValueError(f"{path} takes {self.text_len} text tokens but model.max_text_len is "
                              f"{tokenizer.max_text_len}; set model.max_text_len to {self.text_len}")
@@ -289,10 +299,15 @@ class OnnxPredictor(Predictor):
         if pixel_mask is not None and bool(pixel_mask.any()):
             raise ValueError("the ONNX model has no pixel mask: pass unpadded images of the export size")
         text = pad_text(text, self.text_len)
+        if self.fixed and not bool((text["input_ids"] == torch.tensor(self.fixed["input_ids"])).all()):
+            raise UserError(f"{self.path} is a fixed-vocabulary model for the phrases {self.fixed['phrases']} "
+                            "(export.fixed_captions) and cannot score other phrases. Fix: prompt with exactly those "
+                            "phrases in that order (for evaluate: categories of those names in id order), or use a "
+                            "model exported without export.fixed_captions")
         feed = {"inputs": images.float(), "input_ids": text["input_ids"].long(),
                 "attention_mask": text["attention_mask"].bool(), "position_ids": text["position_ids"].long(),
                 "token_type_ids": text["token_type_ids"].long(), "text_token_mask": text["text_token_mask"].bool()}
-        feed = {k: v.cpu().numpy() for k, v in feed.items()}
+        feed = {k: v.cpu().numpy() for k, v in feed.items() if not self.fixed or k == "inputs"}
         step = self.batch or len(images)
         logits, boxes = [], []
         for start in range(0, len(images), step):

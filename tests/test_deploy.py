@@ -39,8 +39,9 @@ def contract_onnx(path: Path, batch, height=128, width=160, queries=100) -> Path
 
 
 def _spec(tmp_path, **gen):
-    return {"results_dir": str(tmp_path), "gen_trt_engine": {"onnx_file": str(contract_onnx(tmp_path / "m.onnx", "batch")),
-                                                             "input_width": 160, "input_height": 128, **gen}}
+    onnx_file = str(contract_onnx(tmp_path / "m.onnx", "batch"))
+    return {"results_dir": str(tmp_path),
+            "gen_trt_engine": {"onnx_file": onnx_file, "input_width": 160, "input_height": 128, **gen}}
 
 
 @needs_no_trt
@@ -82,6 +83,17 @@ def test_dynamic_profile_spans_the_batch_range_only(tmp_path):
     assert profile.shapes["inputs"] == ((1, 3, 128, 160), (2, 3, 128, 160), (4, 3, 128, 160))
     assert profile.shapes["text_token_mask"] == ((1, TEXT, TEXT), (2, TEXT, TEXT), (4, TEXT, TEXT))
     assert profile.shapes["input_ids"][2] == (4, TEXT)
+
+
+def test_a_fixed_vocabulary_graph_gets_a_profile_for_its_image_alone():
+    """export.fixed_captions graphs take only `inputs`; any text length is fine (the text is inside)."""
+    inputs = {"inputs": ("batch", 3, 128, 160)}
+    options = TensorRTConfig(min_batch_size=1, opt_batch_size=2, max_batch_size=4)
+    profile = engine_profile(inputs, options, max_text_len=TEXT + 1, width=160, height=128)
+    assert profile.shapes == {"inputs": ((1, 3, 128, 160), (2, 3, 128, 160), (4, 3, 128, 160))}
+    with pytest.raises(ValueError, match="not the export contract's"):
+        engine_profile({"inputs": ("batch", 3, 128, 160), "other": ("batch", 4)}, options, max_text_len=TEXT,
+                       width=160, height=128)
 
 
 def test_fixed_batch_onnx_gets_its_own_shapes(tmp_path):

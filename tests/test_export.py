@@ -1,5 +1,6 @@
 """ONNX export: the exact 6-input contract, a really dynamic batch, ORT == PyTorch, verification, conflicts."""
 import copy
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +13,7 @@ import torch
 
 from grounding_dino.actions import run_action
 from grounding_dino.actions.export import (
+    TEXT_INPUTS,
     ExportVerificationError,
     export_model,
     sample_inputs,
@@ -154,6 +156,53 @@ def test_gather_sampling_leaves_no_gridsample_in_the_graph_and_matches_pytorch(e
     assert "export.msda_impl=gather" in gridsample_warning(exported, "10.14.1.48")
     assert gridsample_warning(exported, "11.1.0") and gridsample_warning(exported, "10.13.3.9") is None
     assert gridsample_warning(path, "11.1.0") is None
+
+
+def test_fixed_vocabulary_export_takes_only_the_image_and_matches_the_full_model(exported, tiny, tmp_path):
+    """export.fixed_captions: the text encoder is run once at export; the graph takes the image alone, holds no
+    BERT, and gives the full model's logits and boxes on that caption (<= 1e-4), phrase scores as post-processing
+    computes them, and the OnnxPredictor runs it for its phrases only."""
+    from grounding_dino.model.postprocess import post_process
+    from grounding_dino.predictor import FIXED_VOCABULARY, OnnxPredictor, split_prompt
+
+    phrases = ["red circle", "blue square", "green triangle"]
+    spec = copy.deepcopy(tiny["spec"])
+    spec["results_dir"] = str(tmp_path)
+    spec["export"].update(fixed_captions=phrases, onnx_file=str(tmp_path / "fixed.onnx"))
+    assert run_action("export", load_experiment(spec)) == 0
+    path = tmp_path / "fixed.onnx"
+    kpi = read_status(tmp_path / "export" / "status.json")[-1]["kpi"]
+    assert kpi["max_abs_diff_logits"] <= 1e-4 and kpi["max_abs_diff_boxes"] <= 1e-4
+    session = _session(path)
+    assert [i.name for i in session.get_inputs()] == ["inputs"]
+    assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes", "phrase_scores"]
+    assert session.get_outputs()[2].shape == ["batch", QUERIES, 3]
+    assert json.loads(session.get_modelmeta().custom_metadata_map[FIXED_VOCABULARY])["phrases"] == phrases
+    assert path.stat().st_size < exported.stat().st_size  # the text encoder is not in the graph
+
+    model, cfg = tiny["model"], load_experiment(spec)
+    chunk, = split_prompt(phrases, model.tokenizer)
+    text = model.tokenizer([chunk.caption] * 3, pad_to_max=True)
+    images = sample_inputs(model, cfg, WIDTH, HEIGHT, batch=3, seed=5)["inputs"]
+    with torch.no_grad():
+        expected = [t.numpy() for t in model.forward_export(images, *(text[name] for name in TEXT_INPUTS))]
+    logits, boxes, scores = session.run(None, {"inputs": images.numpy()})
+    finite = np.isfinite(expected[0])
+    assert np.abs(logits[finite] - expected[0][finite]).max() <= 1e-4
+    assert np.abs(boxes - expected[1]).max() <= 1e-4
+    sizes = torch.tensor([[HEIGHT, WIDTH]] * 3)
+    detected = post_process(torch.from_numpy(logits), torch.from_numpy(boxes), chunk.positive_map, sizes,
+                            num_select=QUERIES * 3)
+    for row, found in enumerate(detected):  # phrase_scores holds every (query, phrase) score post-processing ranks
+        assert np.allclose(np.sort(scores[row].ravel())[::-1], found["scores"].numpy(), atol=1e-6)
+
+    predictor = OnnxPredictor(str(path), model.tokenizer)
+    got_logits, _ = predictor.predict(images, None, text)
+    assert np.abs(got_logits.numpy()[finite] - logits[finite]).max() == 0
+    other = model.tokenizer(["red circle . blue square ."] * 3, pad_to_max=True)
+    with pytest.raises(UserError, match=r"fixed-vocabulary model for the phrases \['red circle', 'blue square', "
+                                        r"'green triangle'\].*cannot score other phrases"):
+        predictor.predict(images, None, other)
 
 
 def test_tolerance_violation_fails_the_action(tiny, tmp_path):

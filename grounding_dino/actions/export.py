@@ -18,6 +18,7 @@ application, as in TAO's DeepStream apps). There is no labels file: the phrases 
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -34,17 +35,21 @@ from torch import Tensor, nn
 
 from grounding_dino.actions import ActionRun
 from grounding_dino.config import ExperimentConfig
+from grounding_dino.errors import UserError
 from grounding_dino.data.synthetic import render, vocabulary
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.layout import results_dir_for
 from grounding_dino.model import transformer
 from grounding_dino.model.checkpoint import check_source
 from grounding_dino.model.ms_deform_attn import MSDeformAttn
-from grounding_dino.predictor import ONNX_INPUTS, ONNX_OUTPUTS, TorchPredictor
+from grounding_dino.model.postprocess import normalize_rows
+from grounding_dino.predictor import (FIXED_VOCABULARY, ONNX_INPUTS, ONNX_OUTPUTS, PHRASE_SCORES, PromptChunk,
+                                      TorchPredictor, split_prompt)
 
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "batch"
+TEXT_INPUTS = ONNX_INPUTS[1:]
 # Names drawn in the sample images; any BERT vocabulary tokenises them.
 SAMPLE_NAMES = vocabulary(("red", "green", "blue"), ("circle", "square", "triangle"))
 
@@ -63,6 +68,79 @@ class ContractModule(nn.Module):
     def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
         return self.model.forward_export(inputs, input_ids, attention_mask, position_ids, token_type_ids,
                                          text_token_mask)
+
+
+class FixedVocabularyModule(nn.Module):
+    """GroundingDINO for one caption known at export time: its text inputs and its text-encoder features are
+    constants, so the graph takes only the image. Outputs the contract's pred_logits and pred_boxes, and
+    phrase_scores [B,Q,P]: each query's score for each phrase, as post-processing computes it (the sigmoid of the
+    logits averaged over the phrase's tokens), so a deploy runtime needs no tokenizer."""
+
+    def __init__(self, model: nn.Module, text: Dict[str, Tensor], positive_map: Tensor):
+        super().__init__()
+        self.model = model
+        for name in TEXT_INPUTS:
+            self.register_buffer(name, text[name][:1].clone(), persistent=False)
+        with torch.no_grad():
+            self.register_buffer("encoded", model.encode_text({name: text[name][:1] for name in TEXT_INPUTS}),
+                                 persistent=False)
+        self.register_buffer("phrase_weights", normalize_rows(positive_map.float()).T.contiguous(), persistent=False)
+
+    def forward(self, inputs: Tensor):
+        batch = inputs.shape[0]
+        text = {name: getattr(self, name).expand(batch, *getattr(self, name).shape[1:]) for name in TEXT_INPUTS}
+        out = self.model(inputs, None, text, encoded_text=self.encoded.expand(batch, -1, -1))
+        return out["pred_logits"], out["pred_boxes"], out["pred_logits"].sigmoid() @ self.phrase_weights
+
+
+def fixed_vocabulary_text(model: nn.Module, phrases: Sequence[str]) -> Tuple[PromptChunk, Dict[str, Tensor]]:
+    """The one caption of export.fixed_captions, with its tokenizer output padded to model.max_text_len."""
+    chunks = split_prompt(phrases, model.tokenizer)
+    if len(chunks) != 1:
+        raise UserError(f"export.fixed_captions: the {len(phrases)} phrases need {len(chunks)} captions of "
+                        f"model.max_text_len {model.max_text_len} tokens, and a fixed-vocabulary model holds one. "
+                        "Fix: fewer or shorter phrases, or export one model per group of phrases")
+    return chunks[0], model.tokenizer([chunks[0].caption], pad_to_max=True)
+
+
+def export_fixed_vocabulary(model: nn.Module, cfg: ExperimentConfig, path: Path) -> Tuple[Path, Verification | None]:
+    """export_model for export.fixed_captions: the image-only graph of FixedVocabularyModule, its phrases, caption
+    and token ids in the ONNX metadata (FIXED_VOCABULARY), checked against the full PyTorch model on that caption."""
+    options = cfg.export
+    chunk, text = fixed_vocabulary_text(model, options.fixed_captions)
+    wrapper = FixedVocabularyModule(model.eval(), text, chunk.positive_map).eval()
+    batch = options.batch_size
+    images = sample_inputs(model, cfg, options.input_width, options.input_height, 2 if batch == -1 else batch)
+    outputs = [*ONNX_OUTPUTS, PHRASE_SCORES]
+    axes = {name: {0: BATCH_AXIS} for name in ["inputs", *outputs]} if batch == -1 else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
+        torch.onnx.export(wrapper, (images["inputs"],), str(path), dynamo=False,
+                          opset_version=options.opset_version, input_names=["inputs"], output_names=outputs,
+                          dynamic_axes=axes, do_constant_folding=True, verbose=options.verbose)
+    b = BATCH_AXIS if batch == -1 else batch
+    queries, length = model.cfg.num_queries, model.max_text_len
+    _set_output_shapes(path, {"pred_logits": [b, queries, length], "pred_boxes": [b, queries, 4],
+                              PHRASE_SCORES: [b, queries, len(chunk.names)]})
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = FIXED_VOCABULARY, json.dumps({
+        "phrases": list(chunk.names), "caption": chunk.caption, "input_ids": text["input_ids"][0].tolist()})
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+    if not options.verify:
+        return path, None
+    feeds = [{"inputs": feed["inputs"],
+              **{name: text[name].expand(len(feed["inputs"]), *text[name].shape[1:]) for name in TEXT_INPUTS}}
+             for feed in verification_feeds(model, cfg, batch)]
+    result = compare_with_torch(path, model, feeds)
+    if result.worst() > options.verify_tolerance:
+        raise ExportVerificationError(
+            f"{path}: ONNX Runtime differs from PyTorch on the fixed caption by {result.worst():.3g}, above "
+            f"export.verify_tolerance {options.verify_tolerance:g}; the file is kept for inspection")
+    return path, result
 
 
 def export_path(cfg: ExperimentConfig) -> Path:
@@ -222,7 +300,7 @@ def compare_with_torch(path: Path, model: nn.Module, feeds: Sequence[Dict[str, T
         session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         names = list(ONNX_OUTPUTS) + ([selection_name] if selection_name else [])
         for feed in feeds:
-            got = session.run(names, {name: feed[name].numpy() for name in ONNX_INPUTS})
+            got = session.run(names, {i.name: feed[i.name].numpy() for i in session.get_inputs()})
             selection = torch.from_numpy(got[2]) if selection_name else None
             seen: Dict[str, Tensor] = {}
             with torch.no_grad(), _forced_selection(selection, seen):
@@ -398,7 +476,11 @@ def run_export(cfg: ExperimentConfig, run: ActionRun) -> None:
                          "folder or a Hugging Face id)")
     check_source(cfg.export.checkpoint, "export.checkpoint")
     model = load_for_export(cfg.export.checkpoint, cfg)
-    path, result = export_model(model, cfg, export_path(cfg))
+    if cfg.export.fixed_captions:
+        with msda_sampling(model, cfg.export.msda_impl):
+            path, result = export_fixed_vocabulary(model, cfg, export_path(cfg))
+    else:
+        path, result = export_model(model, cfg, export_path(cfg))
     message = f"Exported {path}."
     if result is not None:
         message += (f" ONNX Runtime matches PyTorch at batch {', '.join(map(str, result.batch_sizes))}: max |diff| "

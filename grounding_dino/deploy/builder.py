@@ -79,13 +79,14 @@ def engine_profile(inputs: Dict[str, Tuple[ONNX_DIM, ...]], options: TensorRTCon
                    width: int, height: int) -> Profile:
     """The optimization profile for an ONNX with these inputs; raises ValueError naming the spec key at fault."""
     image = inputs.get("inputs")
-    if image is None or len(image) != 4 or "input_ids" not in inputs:
+    fixed_vocabulary = set(inputs) == {"inputs"}  # export.fixed_captions: the text is inside the graph
+    if image is None or len(image) != 4 or not ("input_ids" in inputs or fixed_vocabulary):
         raise ValueError(f"the ONNX inputs {sorted(inputs)} are not the export contract's; export it with the "
                          "export action")
     if tuple(image[2:]) != (height, width):
         raise ValueError(f"gen_trt_engine.input_width/input_height {width}x{height} differ from the ONNX's "
                          f"{image[3]}x{image[2]}; set them to the export size")
-    if inputs["input_ids"][1] != max_text_len:
+    if not fixed_vocabulary and inputs["input_ids"][1] != max_text_len:
         raise ValueError(f"model.max_text_len {max_text_len} differs from the ONNX's text length "
                          f"{inputs['input_ids'][1]}; set model.max_text_len to {inputs['input_ids'][1]}")
     batch = image[0]

@@ -40,8 +40,13 @@ class TensorRTPredictor(Predictor):
                              "another GPU?); rebuild it with gen_trt_engine on this machine")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if "input_ids" not in names and "phrase_scores" in names:
+            raise ValueError(f"{path} was built from a fixed-vocabulary export (export.fixed_captions): deploy "
+                             "evaluate/inference prompt engines with text; read its phrase_scores output in your "
+                             "own runtime (DeepStream), or build the engine from an export without fixed_captions")
         if set(names) != set(ONNX_INPUTS + ONNX_OUTPUTS):
-            raise ValueError(f"{path}: tensors {names} are not the export contract's {list(ONNX_INPUTS + ONNX_OUTPUTS)}")
+            raise ValueError(f"{path}: tensors {names} are not the export contract's "
+                             f"{list(ONNX_INPUTS + ONNX_OUTPUTS)}")
         dtypes = _torch_dtypes(trt)
         self.dtypes = {name: dtypes[self.engine.get_tensor_dtype(name)] for name in names}
         batch, _, height, width = self.engine.get_tensor_shape("inputs")

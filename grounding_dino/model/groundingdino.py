@@ -1,5 +1,5 @@
 """The Grounding DINO detector: backbone + BERT -> feature enhancer -> language-guided queries -> decoder -> heads."""
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +93,10 @@ class GroundingDINO(nn.Module):
             poss.append(self.backbone[1](mask).to(src.dtype))
         return srcs, masks, poss
 
-    def forward(self, images: Tensor, pixel_mask: Tensor, text: Dict[str, Tensor]) -> Dict:
-        """images [B,3,H,W]; pixel_mask [B,H,W] True on padding (None = no padding); text from self.tokenizer."""
+    def forward(self, images: Tensor, pixel_mask: Tensor, text: Dict[str, Tensor],
+                encoded_text: Optional[Tensor] = None) -> Dict:
+        """images [B,3,H,W]; pixel_mask [B,H,W] True on padding (None = no padding); text from self.tokenizer;
+        encoded_text: encode_text(text) computed beforehand (a fixed-vocabulary export bakes it in)."""
         # Exported graphs take no pixel mask, so they never pay for padding masks (nor evaluate this test).
         padded = pixel_mask is not None and bool(pixel_mask.any())
         if pixel_mask is None:
@@ -102,7 +104,7 @@ class GroundingDINO(nn.Module):
         text_valid = text["attention_mask"].bool()
         if text_valid.shape[1] > self.max_text_len:
             raise ValueError(f"text has {text_valid.shape[1]} tokens; model.max_text_len is {self.max_text_len}.")
-        encoded = self.encode_text(text)
+        encoded = self.encode_text(text) if encoded_text is None else encoded_text
         srcs, masks, poss = self._multi_level(images, pixel_mask)
         out = self.transformer(srcs, masks, poss, encoded, text_valid, text["text_token_mask"], text["position_ids"],
                                padded)
