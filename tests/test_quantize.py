@@ -82,6 +82,34 @@ def test_static_int8_from_onnx_reports_both_map50(setup, tmp_path):
     assert q_boxes.shape == f_boxes.shape and ((q_boxes >= 0) & (q_boxes <= 1)).all()
 
 
+def test_a_fixed_vocabulary_model_quantizes_and_evaluates_on_its_phrases(setup, tmp_path):
+    """export.fixed_captions graphs take the image alone: calibration feeds only images, the INT8 graph keeps the
+    phrases, and evaluate runs both on the set whose categories are those phrases."""
+    from grounding_dino.actions.export import export_fixed_vocabulary
+    from grounding_dino.predictor import FIXED_VOCABULARY
+
+    spec = copy.deepcopy(setup["spec"])
+    categories = json.loads(open(spec["dataset"]["quant_calibration_data_sources"]["json_file"]).read())["categories"]
+    spec["export"]["fixed_captions"] = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+    fixed, check = export_fixed_vocabulary(setup["model"], load_experiment(spec), tmp_path / "fixed.onnx")
+    assert check.max_abs_diff_logits <= 1e-4
+    out = _run(setup, tmp_path, model_path=str(fixed), mode="static_ptq", algorithm="minmax")
+    quantized = onnx.load(str(out / "quantized_model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in quantized.graph.node}
+    assert [i.name for i in quantized.graph.input] == ["inputs"]
+    assert FIXED_VOCABULARY in {entry.key for entry in quantized.metadata_props}
+    results = json.loads((out / "results.json").read_text())
+    # the same model with its text baked in: the float scores equal the full graph's on the same set
+    from grounding_dino.actions.evaluate import evaluate
+    from grounding_dino.actions.quantize import _val_config
+    from grounding_dino.predictor import OnnxPredictor
+
+    cfg = _val_config(load_experiment(setup["spec"]))
+    full = evaluate(cfg, OnnxPredictor.load(str(setup["onnx"]), cfg, "quantize"))
+    assert results["float"]["mAP50"] == pytest.approx(full["mAP50"], abs=1e-6)
+    assert 0.0 <= results["quantized"]["mAP50"] <= 1.0
+
+
 def test_dynamic_int8_from_checkpoint_exports_first(setup, tmp_path):
     out = _run(setup, tmp_path, model_path=str(setup["root"] / "model.pth"), mode="dynamic_ptq")
     assert (out / "model.onnx").is_file()  # the checkpoint was exported with the export section's settings

@@ -45,6 +45,7 @@ from grounding_dino.config import ExperimentConfig, QuantizeConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.model.checkpoint import check_source
 from grounding_dino.predictor import (
+    FIXED_VOCABULARY,
     ONNX_INPUTS,
     OnnxPredictor,
     Predictor,
@@ -99,18 +100,34 @@ def calibration_feeds(cfg: ExperimentConfig, tokenizer, input_size: Optional[Tup
                          "the model; add images or export with a dynamic batch")
 
 
-def _onnx_feeds(feeds: Iterator[Dict[str, Tensor]]) -> Iterator[Dict[str, object]]:
+def _onnx_feeds(feeds: Iterator[Dict[str, Tensor]], names: Sequence[str] = ONNX_INPUTS
+                ) -> Iterator[Dict[str, object]]:
     for feed in feeds:
-        yield {name: feed[name].numpy() for name in ONNX_INPUTS}
+        yield {name: feed[name].numpy() for name in names}
 
 
 def _onnx_calibration(cfg: ExperimentConfig, onnx_path: Path):
-    """(tokenizer-bound feeds generator, predictor) for an exported model: its input size and batch decide the feeds."""
+    """(numpy feeds generator, predictor) for an exported model: its input size and batch decide the feeds, and a
+    fixed-vocabulary model (export.fixed_captions) is fed its images alone."""
     predictor = OnnxPredictor.load(str(onnx_path), cfg, "quantize")
     batch = predictor.batch or cfg.dataset.batch_size
     feeds = calibration_feeds(cfg, predictor.tokenizer, predictor.input_size, batch,
                               cfg.quantize.num_calibration_batches)
-    return feeds, predictor
+    return _onnx_feeds(feeds, ["inputs"] if predictor.fixed else ONNX_INPUTS), predictor
+
+
+def _keep_fixed_vocabulary(source: Path, output: Path) -> None:
+    """Copy a fixed-vocabulary model's phrases (ONNX metadata) into its quantized graph, which the quantizer
+    writes without them."""
+    proto = onnx.load(str(source), load_external_data=False)
+    entries = {entry.key: entry.value for entry in proto.metadata_props if entry.key == FIXED_VOCABULARY}
+    if not entries:
+        return
+    quantized = onnx.load(str(output))
+    if not any(entry.key == FIXED_VOCABULARY for entry in quantized.metadata_props):
+        entry = quantized.metadata_props.add()
+        entry.key, entry.value = FIXED_VOCABULARY, entries[FIXED_VOCABULARY]
+        onnx.save(quantized, str(output))
 
 
 def _excluded_nodes(onnx_path: Path, patterns: Sequence[str]) -> List[str]:
@@ -219,10 +236,11 @@ def quantize_onnxruntime(job: QuantizeRun) -> Outcome:
     output = job.results_dir / "quantized_model.onnx"
     if options.mode == "static_ptq":
         feeds, _ = _onnx_calibration(job.cfg, source)
-        static_int8(prepared, output, _onnx_feeds(feeds), options.algorithm, excluded, options.backend_kwargs)
+        static_int8(prepared, output, feeds, options.algorithm, excluded, options.backend_kwargs)
     else:
         dynamic_int8(prepared, output, excluded, options.backend_kwargs)
     prepared.unlink()
+    _keep_fixed_vocabulary(source, output)
     return Outcome(output, OnnxPredictor.load(str(output), job.cfg, "quantize"),
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
 
@@ -245,14 +263,15 @@ def quantize_modelopt_onnx(job: QuantizeRun) -> Outcome:
     options = job.cfg.quantize
     source = _onnx_input(job)
     feeds, _ = _onnx_calibration(job.cfg, source)
-    batches = list(_onnx_feeds(feeds))
-    calibration = {name: np.concatenate([b[name] for b in batches]) for name in ONNX_INPUTS}
+    batches = list(feeds)
+    calibration = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     output = job.results_dir / "quantized_model.onnx"
     ours = dict(onnx_path=str(source), quantize_mode=_MODELOPT_DTYPES[options.default_activation_dtype],
                 calibration_data=calibration, calibration_method=options.algorithm,
                 calibration_eps=["cuda:0"] if options.device == "cuda" else ["cpu"],
                 nodes_to_exclude=_excluded_nodes(source, options.skip_names) or None, output_path=str(output))
     modelopt_onnx.quantize(**backend_call(modelopt_onnx.quantize, ours, options.backend_kwargs))
+    _keep_fixed_vocabulary(source, output)
     return Outcome(output, OnnxPredictor.load(str(output), job.cfg, "quantize"),
                    lambda: OnnxPredictor.load(str(source), job.cfg, "quantize"))
 
@@ -310,8 +329,8 @@ def quantize_torchao(job: QuantizeRun) -> Outcome:
     model = _torch_model(job)
     float_model = copy.deepcopy(model) if options.evaluate else None
     weight_only = torchao.Int8WeightOnlyConfig(**backend_call(torchao.Int8WeightOnlyConfig, {}, options.backend_kwargs))
-    torchao.quantize_(model, weight_only,
-                      filter_fn=lambda module, name: isinstance(module, nn.Linear) and not _skipped(name, options.skip_names))
+    torchao.quantize_(model, weight_only, filter_fn=lambda module, name: isinstance(module, nn.Linear)
+                      and not _skipped(name, options.skip_names))
     output = job.results_dir / "quantized_model_torchao.pth"
     torch.save(model.state_dict(), output)
     return Outcome(output, TorchPredictor(model), lambda: TorchPredictor(float_model))
