@@ -66,6 +66,31 @@ def session(path: Path, threads: int):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def op_profile(path: Path, feed: dict, threads: int, runs: int = 3) -> list:
+    """[(op type, share of node time, ms per run)] of `path` under ONNX Runtime's profiler, largest first."""
+    import json
+
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    profiled = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    own = [i.name for i in profiled.get_inputs()]
+    for _ in range(runs):
+        profiled.run(None, {k: feed[k] for k in own})
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    totals: dict = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0) + event["dur"]
+    whole = sum(totals.values())
+    return sorted(((op, us / whole, us / 1000 / runs) for op, us in totals.items()), key=lambda r: -r[1])
+
+
 def accuracy(model, eval_cfg, files: dict) -> dict:
     """{path: mAP50} on the validation set; the eager model sees the ONNX models' fixed input size."""
     from grounding_dino.actions.evaluate import evaluate
@@ -88,6 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--size", default="960x544", help="latency input WIDTHxHEIGHT")
     parser.add_argument("--val-images", type=int, default=40, help="validation images scored per path")
+    parser.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-op-type time of the "
+                        "fp32 and INT8 graphs (where INT8 wins and loses)")
     args = parser.parse_args()
     width, height = (int(side) for side in args.size.lower().split("x"))
     torch.set_num_threads(args.threads)
@@ -132,6 +159,11 @@ def main() -> None:
             own = [i.name for i in sessions[name].get_inputs()]
             return lambda: sessions[name].run(None, {k: feed[k] for k in own})
 
+        if args.profile:
+            for name in ("ort fp32", "ort int8", "fixed int8"):
+                print(f"\nONNX Runtime profile of {name} (op type, share of node time, ms per image):")
+                for op, share, ms in op_profile(files[name], feed, args.threads)[:12]:
+                    print(f"  {op:<24} {share:6.1%} {ms:9.1f}")
         runners = {name: eager if name == "pytorch eager" else onnx(name) for name in PATHS}
         times = {name: [] for name in PATHS}
         for round_ in range(args.runs + 2):
