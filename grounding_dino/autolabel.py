@@ -2,7 +2,8 @@
 
 `autolabel(images, prompts, model, out)` writes into `out`:
   <name>_odvg.jsonl            detection ODVG, one line per image (images without detections too, as negatives),
-                               file_name relative to the images folder, boxes [x1, y1, x2, y2] in pixels
+                               file_name relative to the images folder, boxes [x1, y1, x2, y2] in pixels, each
+                               box once, with its best-scoring phrase
   <name>_odvg_labelmap.json    {"0": phrase, ...}, the prompt's phrases in order
   <name>_coco.json             the same boxes as COCO ([x, y, w, h], each annotation with its "score")
 The ODVG pair is a train data source as it stands (image_dir: the images folder, json_file, label_map); the COCO
@@ -53,13 +54,18 @@ def autolabel(images: Union[str, Path], prompts: Union[str, Sequence[str]], mode
         for image_id, (path, result) in enumerate(zip(batch, detector.predict(batch, phrases, threshold)), start):
             width, height = result.image_size
             file_name = path.relative_to(root).as_posix()
-            boxes = [[round(v, 2) for v in box] for box in result.boxes.tolist()]
-            instances = [{"bbox": box, "label": label, "category": phrases[label]}
-                         for box, label in zip(boxes, result.labels.tolist())]
+            # One query may score several phrases (post_process keeps (query, phrase) pairs); a training box needs
+            # one label, so each box keeps its best phrase (results come best first).
+            kept: Dict[tuple, tuple] = {}
+            for box, label, score in zip(result.boxes.tolist(), result.labels.tolist(), result.scores.tolist()):
+                kept.setdefault(tuple(round(v, 2) for v in box), (label, score))
+            boxes = [list(box) for box in kept]
+            labels = [label for label, _ in kept.values()]
+            instances = [{"bbox": box, "label": label, "category": phrases[label]} for box, label in zip(boxes, labels)]
             odvg_lines.append({"file_name": file_name, "height": height, "width": width, "image_id": image_id,
                                "detection": {"instances": instances}})
             coco_images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-            for (x1, y1, x2, y2), label, score in zip(boxes, result.labels.tolist(), result.scores.tolist()):
+            for (x1, y1, x2, y2), (label, score) in zip(boxes, kept.values()):
                 per_phrase[phrases[label]] += 1
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
                                     "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)],

@@ -56,6 +56,7 @@ def test_files_parse_and_agree_with_each_other_and_the_ground_truth(labelled):
     assert [b[:2] for b in odvg_boxes] == [b[:2] for b in coco_boxes]
     assert max(abs(p - q) for a, b in zip(odvg_boxes, coco_boxes) for p, q in zip(a[2], b[2])) <= 0.011
     assert all(a["score"] >= 0.3 for a in coco["annotations"])
+    assert len({b[0::2] for b in odvg_boxes}) == len(odvg_boxes), "a box carries two labels"
 
     truth = {}
     for record in read_odvg(paths["train_json_file"]):
@@ -94,3 +95,20 @@ def test_bad_requests_exit_2_with_the_reason(tmp_path, capsys):
     args[1] = json.__file__  # a file, not a folder
     assert data_main(args) == 2
     assert "is not a folder of images" in capsys.readouterr().err
+
+
+def test_each_box_gets_one_label_even_when_a_query_scores_several_phrases(labelled, tmp_path):
+    """At threshold 0 the top (query, phrase) pairs repeat queries; the training data keeps each box once."""
+    from grounding_dino.autolabel import autolabel
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("train_000000.jpg", "train_000001.jpg"):
+        (images / name).write_bytes((labelled["out"].parent / "data" / "train_datasets" / "images" / name).read_bytes())
+    done = autolabel(images, PROMPTS, BASE_MODEL, tmp_path / "out", threshold=0.0, num_select=100,
+                     resize=AUGMENTATION["test_random_resize"], max_size=AUGMENTATION["random_resize_max_size"])
+    records = list(read_odvg(done["odvg"]))
+    for record in records:
+        boxes = [tuple(region["bbox"]) for region in record.regions]
+        assert len(boxes) == len(set(boxes)) and 0 < len(boxes) < 100  # 100 pairs, fewer distinct queries
+    assert done["boxes"] == sum(len(r.regions) for r in records) == len(read_coco(done["coco"])["annotations"])
