@@ -8,6 +8,7 @@ TORCH_EXTENSIONS_DIR). Without them, with GDINO_MSDA_KERNEL=0, on GPU, in anothe
 PyTorch path runs instead and gives the same results.
 """
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,15 @@ def vector_flags() -> Tuple[str, List[str]]:
     return "baseline", []
 
 
+def extension_name(isa: str) -> str:
+    """The build's name, and so its folder in the extensions cache: one per instruction set and per install (this
+    source file, the torch it compiles against, the compiler). Installs sharing one folder (the checkout's venv and a
+    venv the wheel went into) rebuilt each other's build every time either loaded it, as ninja saw another command
+    line: 20-30 s per process."""
+    install = f"{SOURCE}|{Path(torch.__file__).parent}|{os.environ.get('CXX', '')}"
+    return f"gdino_ms_deform_attn_cpu_{isa}_{hashlib.sha1(install.encode()).hexdigest()[:8]}"
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> Optional[object]:
     """The built extension, or None (and one warning saying why) when it cannot be built here."""
@@ -47,7 +57,7 @@ def kernel() -> Optional[object]:
         isa, flags = vector_flags()
         log.info("loading the compiled CPU deformable-attention kernel (%s; built once per machine, ~30 s the first "
                  "time)", isa)
-        return load(f"gdino_ms_deform_attn_cpu_{isa}", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+        return load(extension_name(isa), [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: all mean "use the plain path"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
