@@ -149,6 +149,10 @@ def ap50_by_vocabulary(per_class: List[dict]) -> Dict[str, float]:
     return {k: sum(v) / len(v) if v else None for k, v in groups.items()}
 
 
+FINETUNING_GROUPS = {"seen": "seen in fine-tuning", "unseen_combination": "unseen pairs of seen words",
+                     "unseen_word": "with a word fine-tuning never showed"}
+
+
 def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float]) -> Dict[str, Any]:
     """The demo's results from the finished jobs' folders."""
     record = {name: bank.status(job_id) for name, job_id in jobs.items()}
@@ -169,6 +173,8 @@ def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float])
         "best_trial": {"trial": best["trial"], "val_mAP50": best["value"], "params": best["params"]},
         "test_mAP50": torch_eval["mAP50"],
         "test_AP50_by_vocabulary": ap50_by_vocabulary(per_class),
+        # evaluate's own split against the fine-tuning label map (evaluate.train_vocabulary, from the train parent)
+        "test_mAP50_by_finetuning": {group: torch_eval.get(f"mAP50_{group}") for group in FINETUNING_GROUPS},
         "onnx_test_mAP50": onnx_eval["mAP50"],
         "onnx_minus_torch_mAP50": onnx_eval["mAP50"] - torch_eval["mAP50"],
         "prompts": prompts,
@@ -195,6 +201,9 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print("            AP50 " + ", ".join(f"{'-' if vocabulary[k] is None else format(vocabulary[k], '.3f')} on {text}"
                                         for k, text in (("known_words", "names the base model knew"),
                                                         ("new_words", "names with a new word"))))
+    split = summary["test_mAP50_by_finetuning"]
+    print("            mAP50 " + ", ".join(f"{'-' if split[k] is None else format(split[k], '.3f')} {text}"
+                                         for k, text in FINETUNING_GROUPS.items()))
     print(f"  inference prompts (score >= {summary['conf_threshold']}), objects found in the inference images:")
     for phrase in summary["prompts"]:
         counts = summary["found"].get(phrase, {"objects": 0, "found": 0, "false": 0})

@@ -81,6 +81,9 @@ def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
     assert 0.0 <= summary["best_trial"]["val_mAP50"] <= 1.0
     assert abs(summary["onnx_minus_torch_mAP50"]) < 0.02
     assert set(summary["test_AP50_by_vocabulary"]) == {"known_words", "new_words"}
+    # the evaluate job got its train parent's label map: the fine-tuning split is measured, not left out
+    assert set(summary["test_mAP50_by_finetuning"]) == {"seen", "unseen_combination", "unseen_word"}
+    assert summary["test_mAP50_by_finetuning"]["seen"] is not None
     assert summary["held_out"][0] in summary["prompts"] and summary["held_out"][0] in summary["found"]
     assert len(list((tmp_path / "ws").rglob("images_annotated/*.jpg"))) == 3
     assert json.loads((tmp_path / "ws" / "demo_summary.json").read_text()) == summary
