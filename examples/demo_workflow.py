@@ -133,6 +133,7 @@ def run(bank, params):
                 "num_epochs": "${num_epochs}",
                 "freeze": [],
                 "activation_checkpoint": False,
+                "precision": "auto",
                 "optim": {"lr": 8e-05, "lr_backbone": 6e-05},
             },
             "automl": {
@@ -156,6 +157,7 @@ def run(bank, params):
                 "workers": 0,
                 "augmentation": {"test_random_resize": 256, "random_resize_max_size": 320},
             },
+            "evaluate": {"precision": "auto"},
         },
     )
     jobs["inference"] = submit(bank, params, "inference",
@@ -170,7 +172,7 @@ def run(bank, params):
                 "workers": 0,
                 "augmentation": {"test_random_resize": 256, "random_resize_max_size": 320},
             },
-            "inference": {"conf_threshold": 0.3},
+            "inference": {"conf_threshold": 0.3, "precision": "auto"},
         },
     )
     jobs["export"] = submit(bank, params, "export",

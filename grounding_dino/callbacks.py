@@ -312,9 +312,10 @@ class StatusLogger(Callback):
 
     VAL_KEYS = ("val_loss", "val_mAP", "val_mAP50")
 
-    def __init__(self, results_dir: str | os.PathLike, num_epochs: int):
+    def __init__(self, results_dir: str | os.PathLike, num_epochs: int, precision: str = "fp32"):
         self.path = Path(results_dir) / STATUS_FILE
         self.num_epochs = num_epochs
+        self.precision = precision  # what ran, train.precision "auto" resolved
         self.writer: Optional[StatusWriter] = None
         self._epoch_start = 0.0
         self._step_at_epoch_start = 0
@@ -327,7 +328,8 @@ class StatusLogger(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.writer.write("STARTED", "Starting training loop.", epoch=trainer.current_epoch,
-                          max_epoch=self.num_epochs, max_step=trainer.estimated_stepping_batches)
+                          max_epoch=self.num_epochs, max_step=trainer.estimated_stepping_batches,
+                          precision=self.precision)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_start = time.monotonic()

@@ -433,7 +433,11 @@ class TrainConfig:
     )
     is_dry_run: bool = param(False, "Run one batch of train and val, then stop.")
     optim: OptimConfig = section(OptimConfig, "Optimizer and learning-rate schedule.")
-    precision: str = param("fp32", "Numeric precision.", options=("fp32", "fp16", "bf16"))
+    precision: str = param(
+        "fp32", "Numeric precision: fp32, fp16 or bf16 mixed precision (bf16 runs on CPU too, with Lightning's "
+        "bf16-mixed), or auto: bf16 where the GPU supports it or the CPU has AVX512_BF16 or AMX (checked when the "
+        "run starts), fp32 elsewhere. The precision that ran is printed and written on status.json's STARTED line.",
+        options=("fp32", "fp16", "bf16", "auto"))
     distributed_strategy: str = param("ddp", "Multi-device strategy.", options=("ddp", "fsdp"))
     activation_checkpoint: bool = param(True, "Recompute activations in backward to save memory.")
     verbose: bool = param(False, "Print more training detail.")
@@ -471,6 +475,11 @@ class EvaluateConfig:
         "a word never seen (mAP_unseen_word), so a fine-tune that forgot the open vocabulary shows. An evaluate "
         "job with a train parent gets the parent's label maps (or annotation files). TAO has no such key.",
         max_items=256)
+    precision: str = param(
+        "fp32", "Numeric precision of a PyTorch model: fp32, bf16 (torch.autocast in bfloat16, weights kept in "
+        "fp32), or auto: bf16 where the GPU supports it or the CPU has AVX512_BF16 or AMX, fp32 elsewhere. The "
+        "precision that ran is printed and written on status.json's SUCCESS line. An .onnx model or TensorRT engine "
+        "runs in the types it was built with. TAO has no such key.", options=("fp32", "bf16", "auto"))
 
 
 @dataclass
@@ -495,6 +504,11 @@ class InferenceConfig:
     input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32, maximum=8192)
     outline_width: int = param(3, "Box outline width in pixels.", minimum=1, maximum=100)
     batch_size: int = param(-1, "Images per batch; -1 uses dataset.batch_size.", minimum=-1, maximum=1024)
+    precision: str = param(
+        "fp32", "Numeric precision of a PyTorch model: fp32, bf16 (torch.autocast in bfloat16, weights kept in "
+        "fp32), or auto: bf16 where the GPU supports it or the CPU has AVX512_BF16 or AMX, fp32 elsewhere. The "
+        "precision that ran is printed and written on status.json's SUCCESS line. An .onnx model or TensorRT engine "
+        "runs in the types it was built with. TAO has no such key.", options=("fp32", "bf16", "auto"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from grounding_dino.data.tokens import TokenBudget
 from grounding_dino.model import build_model
 from grounding_dino.model.checkpoint import check_source, load_weights, read_checkpoint, settle_model_config
 from grounding_dino.model.postprocess import post_process, top_k
+from grounding_dino.precision import autocast, resolve
 from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
 
 Detections = List[Dict[str, Tensor]]
@@ -124,6 +125,8 @@ class Predictor(ABC):
     """
 
     name = "base"
+    # What the backend computes in; an exported model or engine runs in the types it was built with.
+    precision = "as built"
 
     def __init__(self, tokenizer, input_size: Optional[Tuple[int, int]] = None, pad_text: bool = False):
         self.tokenizer = tokenizer
@@ -200,13 +203,21 @@ def _device(cfg: ExperimentConfig, section: str) -> torch.device:
     return torch.device(f"cuda:{gpu_ids[0]}")
 
 
+def _precision(cfg: ExperimentConfig, section: str) -> str:
+    """The spec's precision for `section` (quantize scores in fp32: it compares against the fp32 model)."""
+    return getattr(getattr(cfg, section), "precision", "fp32")
+
+
 class TorchPredictor(Predictor):
+    """precision: fp32, bf16 or auto (grounding_dino.precision); `self.precision` is what runs, `self.why` why."""
+
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: Union[str, torch.device, None] = None):
+    def __init__(self, model: nn.Module, device: Union[str, torch.device, None] = None, precision: str = "fp32"):
         super().__init__(model.tokenizer)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        self.precision, self.why = resolve(precision, self.device.type)
 
     @classmethod
     def load(cls, path: str, cfg: ExperimentConfig, section: str = "evaluate") -> "TorchPredictor":
@@ -225,14 +236,15 @@ class TorchPredictor(Predictor):
         model = build_model(dataclasses.replace(model_cfg, pretrained_backbone_path=None),
                             backbone_pretrained=frozen_norm)
         load_weights(model, checkpoint)
-        return cls(model, _device(cfg, section))
+        return cls(model, _device(cfg, section), _precision(cfg, section))
 
     @torch.inference_mode()
     def predict(self, images, pixel_mask, text):
         text = {k: v.to(self.device) for k, v in text.items()}
         mask = pixel_mask.to(self.device) if pixel_mask is not None else None
-        out = self.model(images.to(self.device), mask, text)
-        return out["pred_logits"], out["pred_boxes"]
+        with autocast(self.precision, self.device.type):
+            out = self.model(images.to(self.device), mask, text)
+        return out["pred_logits"].float(), out["pred_boxes"].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +403,7 @@ def load_predictor(path_or_model: Union[str, Path, nn.Module], cfg: ExperimentCo
     TensorRT); a folder or a Hugging Face id is a PyTorch model (see checkpoint.read_checkpoint). `section` names
     the spec section the path came from, for error messages and the GPU choice."""
     if isinstance(path_or_model, nn.Module):
-        return TorchPredictor(path_or_model, _device(cfg, section))
+        return TorchPredictor(path_or_model, _device(cfg, section), _precision(cfg, section))
     path = Path(path_or_model)
     if path.is_file():
         return _backend_class(backend_for(path)).load(str(path), cfg, section)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import grounding_dino
+from grounding_dino.precision import resolve
 
 # The packed model ships with the backend package (it is its pretrained weights); this module only builds it.
 ASSETS = Path(grounding_dino.__file__).resolve().parent / "assets"
@@ -97,8 +98,9 @@ def text_freeze(text_layers: int) -> list:
 def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_size: int, cuda: bool,
                workers: int, validation_interval: int, decay_by_epoch: bool, lr: float = LR,
                freeze: Sequence[str] = ("bert",)) -> Dict[str, Any]:
-    """The recipe's train spec. On CUDA: bf16. The learning rate drops at LR_DECAY_AT of the epochs, or of the
-    time budget when `decay_by_epoch` is false (TimeBudget does it then). freeze: see `text_freeze`."""
+    """The recipe's train spec, in bf16 where the GPU or CPU has bf16 units (precision auto). The learning rate
+    drops at LR_DECAY_AT of the epochs, or of the time budget when `decay_by_epoch` is false (TimeBudget does it
+    then). freeze: see `text_freeze`."""
     lr_steps = [max(1, int(epochs * LR_DECAY_AT))] if decay_by_epoch else [epochs + 1]
     return {
         "results_dir": results_dir,
@@ -111,7 +113,7 @@ def train_spec(paths: Dict[str, str], results_dir: str, *, epochs: int, batch_si
         },
         "train": {
             "num_epochs": epochs, "seed": SEED, "freeze": list(freeze), "activation_checkpoint": False,
-            "precision": "bf16" if cuda else "fp32", "validation_interval": validation_interval,
+            "precision": "auto", "validation_interval": validation_interval,
             "checkpoint_interval": validation_interval,
             "optim": {"lr": lr, "lr_backbone": lr, "lr_steps": lr_steps},
         },
@@ -341,7 +343,8 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
               "text_layers": text_layers or None, "device": device}
     train = {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
              "lr_drop_step": packer.lr_drop_step if minutes else _epoch_drop_step(spec, packer),
-             "lr": lr, "precision": spec["train"]["precision"], "seconds": round(train_seconds, 1),
+             "lr": lr, "precision": resolve(spec["train"]["precision"], "cuda" if cuda else "cpu")[0],
+             "seconds": round(train_seconds, 1),
              "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or 'cpu'}, "
                                                                   f"{torch.get_num_threads()} threads)",
              "torch": torch.__version__}

@@ -33,6 +33,7 @@ from grounding_dino.actions.sharding import check_processes, run_sharded, shard_
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data import build_dataloader
 from grounding_dino.evaluation import CocoEvaluator, vocabulary
+from grounding_dino.precision import resolve
 from grounding_dino.predictor import Predictor, load_predictor, model_path, split_prompt
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,13 @@ def _detect_shard(cfg: ExperimentConfig, rank: int, world: int) -> Tuple[Dict[in
     return evaluator.detections, evaluator.nonfinite
 
 
+def announce_precision(predictor: Predictor, action: str) -> str:
+    """Print the precision `predictor` computes in (the spec's `auto` resolved) and return it for status.json."""
+    why = getattr(predictor, "why", f"a {predictor.name} model")
+    print(f"{action}: precision {predictor.precision} ({why})")
+    return predictor.precision
+
+
 def print_per_class(rows: List[dict]) -> None:
     """The per-category table, weakest AP50 first (what to look at when the mean disappoints)."""
     print(f"{'AP50':>8} {'AP':>7} {'objects':>8}  category")
@@ -116,8 +124,11 @@ def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
     processes = check_processes(cfg, "evaluate", path)
     if processes > 1:
         metrics = evaluate_sharded(cfg, processes, *files)
+        precision = resolve(cfg.evaluate.precision, "cuda" if torch.cuda.is_available() else "cpu")[0]
     else:
-        metrics = evaluate(cfg, load_predictor(path, cfg, "evaluate"), *files)
+        predictor = load_predictor(path, cfg, "evaluate")
+        precision = announce_precision(predictor, "evaluate")
+        metrics = evaluate(cfg, predictor, *files)
     per_class = json.loads((results_dir / "per_class.json").read_text())
     groups = None
     if cfg.evaluate.train_vocabulary:
@@ -136,4 +147,4 @@ def run_evaluate(cfg: ExperimentConfig, run: ActionRun) -> None:
         vocabulary.print_table(groups)
     extra = {"null_reasons": {f"test_{name}": why for name, why in reasons.items()}} if reasons else {}
     run.report.succeed("Evaluation finished.", kpi={f"test_{name}": value for name, value in metrics.items()},
-                       **extra)
+                       precision=precision, **extra)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from grounding_dino.actions import ActionRun
+from grounding_dino.actions.evaluate import announce_precision
 from grounding_dino.actions.sharding import check_processes, run_sharded, shard_loader
 from grounding_dino.config import ExperimentConfig
 from grounding_dino.data.captions import normalize_name
@@ -41,6 +42,7 @@ from grounding_dino.data.images import read_image
 from grounding_dino.data.loader import collate_fn
 from grounding_dino.data.transforms import build_transforms
 from grounding_dino.detector import SAVE_OPTIONS, Detector, Prediction, prepare
+from grounding_dino.precision import resolve
 from grounding_dino.predictor import Predictor, load_predictor, model_path
 
 log = logging.getLogger(__name__)
@@ -200,9 +202,12 @@ def run_inference(cfg: ExperimentConfig, run: ActionRun) -> None:
     processes = check_processes(cfg, "inference", path)
     if processes > 1:
         records = infer_sharded(cfg, processes, run.results_dir)
+        precision = resolve(cfg.inference.precision, "cuda" if torch.cuda.is_available() else "cpu")[0]
     else:
-        records = infer(cfg, load_predictor(path, cfg, "inference"), run.results_dir)
+        predictor = load_predictor(path, cfg, "inference")
+        precision = announce_precision(predictor, "inference")
+        records = infer(cfg, predictor, run.results_dir)
     where = run.results_dir.resolve()
     # Said on stdout too: the outputs' place is otherwise only in the docs, and a job's folder is not the cwd.
     print(f"inference: {len(records)} detections written to {where}: images_annotated/, labels/, results.json")
-    run.report.succeed(f"Inference finished: {len(records)} detections in {where}.")
+    run.report.succeed(f"Inference finished: {len(records)} detections in {where}.", precision=precision)

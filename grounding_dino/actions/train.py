@@ -37,6 +37,7 @@ from grounding_dino.errors import UserError
 from grounding_dino.lightning_module import GroundingDINOModule, check_resumable, freeze
 from grounding_dino.model.checkpoint import (Checkpoint, load_file, load_weights, read_checkpoint,
                                              settle_model_config)
+from grounding_dino.precision import resolve
 from grounding_dino.preemption import PreemptionCheckpoint
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,15 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
     accelerator, devices = _devices(train)
     unit = {"epoch": "every_n_epochs", "step": "every_n_train_steps"}[train.checkpoint_interval_unit]
     torch.backends.cudnn.benchmark = train.cudnn.benchmark
+    precision, why = resolve(train.precision, "cuda" if accelerator == "gpu" else "cpu")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"train: precision {precision} ({why})")
     return Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=train.num_nodes,
         strategy=_strategy(train, accelerator, devices),
-        precision=PRECISION[train.precision],
+        precision=PRECISION[precision],
         max_epochs=train.num_epochs,
         check_val_every_n_epoch=train.validation_interval,
         gradient_clip_val=train.clip_grad_norm or None,
@@ -146,7 +150,7 @@ def build_trainer(cfg: ExperimentConfig, results_dir: Path, callbacks: Sequence[
             GDinoCheckpoint(results_dir, keep_last=train.checkpoint_keep_last, **{unit: train.checkpoint_interval}),
             RngState(),
             ReproducibleEpochs(train.seed),
-            StatusLogger(results_dir, train.num_epochs),
+            StatusLogger(results_dir, train.num_epochs, precision),
             LearningRateMonitor(logging_interval="epoch"),
             PreemptionCheckpoint(),
             *callbacks,

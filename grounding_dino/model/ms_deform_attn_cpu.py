@@ -66,11 +66,13 @@ def kernel() -> Optional[object]:
 
 
 def usable(value: Tensor, offsets: Tensor, weights: Tensor, reference: Tensor) -> bool:
-    """Whether the kernel can run these inputs: float32 on CPU, not while tracing or exporting, and reference points
-    that need no gradient (ours never do: the encoder's are fixed, the decoder's are detached)."""
+    """Whether the kernel can run these inputs: float32 or bfloat16 (converted to float32) on CPU, not while tracing
+    or exporting, and reference points that need no gradient (ours never do: the encoder's are fixed, the
+    decoder's are detached)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or reference.requires_grad:
         return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (value, offsets, weights, reference)):
+    floats = (torch.float32, torch.bfloat16)
+    if any(t.device.type != "cpu" or t.dtype not in floats for t in (value, offsets, weights, reference)):
         return False
     return kernel() is not None
 
