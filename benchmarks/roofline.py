@@ -1,0 +1,399 @@
+"""How far each path is from this machine's limits, in one run: the GEMM peak of every dtype and the memory
+bandwidth, then per path its time, its FLOPs (PyTorch's flop counter), its achieved GFLOP/s and the share of the
+peak of the dtype it computes in:
+
+    train fp32 / bf16     forward with targets, loss, backward (the frozen text encoder, as training has it);
+                          bf16 is torch.autocast("cpu", bfloat16), what train.precision bf16 runs (bf16-mixed)
+    eager fp32 / bf16     inference (forward_export under inference_mode); bf16 as evaluate.precision bf16 runs it
+    ort fp32 / int8       the export action's graph on ONNX Runtime, and that graph quantized by the quantize
+                          action's static INT8 path (QDQ), as benchmarks/infer_latency.py builds them
+
+Peaks: torch.mm fp32 and bf16, torch._int_mm int8, ONNX Runtime MatMul fp32 and MatMulInteger int8, on square
+matrices (--peak-size); on a GPU also tf32 and fp16. Bandwidth: a large tensor copy (bytes read + written). The
+ONNX graphs and the bf16 paths are counted with the fp32 FLOPs (the same arithmetic). The paths run alternately in one process,
+so machine noise hits all alike. Then a per-op profile of the two slowest paths, grouped into GEMM/conv,
+deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
+
+    .venv/bin/python benchmarks/roofline.py [--config small|swin-t] [--size 960x544] [--batch 1] [--runs 5]
+        [--train-size 256] [--train-batch 4] [--threads 2] [--peak-size 2048] [--skip-ort]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
+
+import small_config as sc  # noqa: E402
+
+GROUPS = ("GEMM/conv", "deformable attention", "text encoder", "rest")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# counting
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every op torch.utils.flop_counter has a formula for, by op. Works under inference_mode, where
+    FlopCounterMode's module tracking fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op: dict = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.by_op[func._overloadpacket.__name__] += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+
+def count_flops(run) -> FlopCount:
+    with FlopCount() as counter:
+        run()
+    return counter
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the machine
+
+
+def timed(run, repeats: int) -> float:
+    """Median seconds of `run` after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_peaks(n: int, device: str) -> dict:
+    """{dtype: GFLOP/s (GOP/s for int8)} of an n x n x n matrix product in torch."""
+    peaks = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device == "cuda":
+        dtypes["fp16"] = torch.float16
+    for name, dtype in dtypes.items():
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        peaks[name] = 2 * n ** 3 / timed(lambda: (torch.mm(a, b), sync()), 3) / 1e9
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        peaks["tf32"] = 2 * n ** 3 / timed(lambda: (torch.mm(a, b), sync()), 3) / 1e9
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+    peaks["int8"] = 2 * n ** 3 / timed(lambda: (torch._int_mm(a, b), sync()), 3) / 1e9
+    return peaks
+
+
+def ort_peaks(n: int, threads: int) -> dict:
+    """{fp32, int8: GFLOP/s} of ONNX Runtime's MatMul and MatMulInteger on n x n matrices."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    peaks = {}
+    for name, op, elem, array in (("fp32", "MatMul", TensorProto.FLOAT, np.random.rand(n, n).astype(np.float32)),
+                                  ("int8", "MatMulInteger", TensorProto.INT8,
+                                   np.random.randint(-128, 127, (n, n), dtype=np.int8))):
+        out_type = TensorProto.FLOAT if name == "fp32" else TensorProto.INT32
+        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], "peak",
+                                  [helper.make_tensor_value_info("a", elem, [n, n]),
+                                   helper.make_tensor_value_info("b", elem, [n, n])],
+                                  [helper.make_tensor_value_info("c", out_type, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        ort = session(model.SerializeToString(), threads)
+        peaks[name] = 2 * n ** 3 / timed(lambda: ort.run(None, {"a": array, "b": array}), 3) / 1e9
+    return peaks
+
+
+def bandwidth(device: str) -> float:
+    """GB/s of a 256 MiB tensor copy, counting the bytes read and written."""
+    source = torch.empty(64 * 2 ** 20, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seconds = timed(lambda: (target.copy_(source), sync()), 5)
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+def session(model, threads: int, profile_prefix: str = ""):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                        providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model and its paths
+
+
+def build(config: str, data_root: Path):
+    """(cfg, model, criterion) of the small benchmark config, or Swin-T at full width (MiniLM as text encoder:
+    BERT-base's weights are not packaged, and the text encoder is a small share of the FLOPs)."""
+    paths = sc.synthetic_data(data_root, num_train=8, num_val=8)
+    spec = sc.experiment_spec(paths, str(data_root / "results"))
+    spec["dataset"]["quant_calibration_data_sources"] = dict(spec["dataset"]["val_data_sources"])
+    if config == "swin-t":
+        spec["model"] = {"backbone": "swin_tiny_224_1k", "text_encoder_type": "minilm", "max_text_len": sc.TEXT_LEN}
+    return sc.build_ours(spec)
+
+
+def training_batch(cfg, model, size: int, batch: int):
+    from grounding_dino.data import build_dataset, collate_fn
+
+    cfg = copy.deepcopy(cfg)
+    cfg.dataset.augmentation.test_random_resize = size
+    cfg.dataset.augmentation.random_resize_max_size = size
+    dataset = build_dataset(cfg, "val", tokenizer=model.tokenizer)
+    images, pixel_mask, targets = collate_fn([dataset[i % len(dataset)] for i in range(batch)])
+    sc.attach_positive_maps(model.tokenizer, targets)
+    return images, pixel_mask, targets, model.tokenizer([t["caption"] for t in targets])
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def train_step(model, criterion, batch, bf16: bool):
+    images, pixel_mask, targets, text = batch
+
+    def step():
+        with autocast(bf16):
+            outputs = model(images, pixel_mask, text)
+            losses = criterion(outputs, targets)
+            total = sum(losses[k] * criterion.weight_dict[k] for k in losses)
+        total.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def eager(model, sample: dict, bf16: bool):
+    def run():
+        with torch.inference_mode(), autocast(bf16):
+            model.forward_export(*sample.values())
+    return run
+
+
+def onnx_files(model, cfg, folder: Path, width: int, height: int, batch: int) -> dict:
+    """{"ort fp32": export, "ort int8": its static INT8 QDQ}: the export and quantize actions' code paths."""
+    from grounding_dino.actions.export import export_model
+    from grounding_dino.actions.quantize import _onnx_calibration, quant_pre_process, static_int8
+
+    cfg = copy.deepcopy(cfg)
+    cfg.export.input_width, cfg.export.input_height, cfg.export.batch_size = width, height, batch
+    cfg.export.verify = False
+    cfg.quantize.num_calibration_batches = 2
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = export_model(model, cfg, folder / "model.onnx")[0]
+    prepared = folder / "prepared.onnx"
+    quant_pre_process(str(fp32), str(prepared))
+    feeds, _ = _onnx_calibration(cfg, fp32)
+    return {"ort fp32": fp32, "ort int8": static_int8(prepared, folder / "int8.onnx", feeds)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where the time goes
+
+
+def group_of(name: str, inside: set) -> str:
+    """GROUPS entry of a profiled op; `inside` names the marked modules the op ran in."""
+    if "text" in inside:
+        return "text encoder"
+    low = name.lower()
+    if any(key in low for key in ("mm", "conv", "linear", "matmul", "gemm")):
+        return "GEMM/conv"
+    if "msda" in inside or any(key in low for key in ("deformattn", "grid_sampler", "gridsample")):
+        return "deformable attention"
+    return "rest"
+
+
+@contextmanager
+def marked(model):
+    """record_function ranges around the text encoder ("text") and every deformable attention ("msda")."""
+    from grounding_dino.model.ms_deform_attn import MSDeformAttn
+
+    handles, stack = [], []
+
+    def enter(tag):
+        def hook(module, args):
+            stack.append(torch.autograd.profiler.record_function(f"##{tag}"))
+            stack[-1].__enter__()
+        return hook
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    modules = [("text", model.bert)] + [("msda", m) for m in model.modules() if isinstance(m, MSDeformAttn)]
+    for tag, module in modules:
+        handles += [module.register_forward_pre_hook(enter(tag)), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def torch_profile(model, run) -> dict:
+    """{group: ms per run} of `run` under torch.profiler (self CPU time of every op, by GROUPS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with marked(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    groups: dict = defaultdict(float)
+    for event in prof.events():
+        inside, parent = set(), event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("##"):
+                inside.add(parent.name[2:])
+            parent = parent.cpu_parent
+        if event.name.startswith("##"):
+            inside.add(event.name[2:])
+        groups[group_of(event.name, inside)] += event.self_cpu_time_total / 1000
+    return dict(groups)
+
+
+def ort_profile(path: Path, feed: dict, threads: int) -> dict:
+    """{group: ms per run} of ONNX Runtime's node times (text encoder: nodes under /bert/)."""
+    profiled = session(path, threads, str(path.with_suffix("")))
+    profiled.run(None, feed)
+    events = json.loads(Path(profiled.end_profiling()).read_text())
+    groups: dict = defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            inside = {"text"} if "/bert/" in event["name"] else set()
+            groups[group_of(event["args"]["op_name"], inside)] += event["dur"] / 1000
+    return dict(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=("small", "swin-t"), default="small")
+    parser.add_argument("--size", default="960x544", help="inference input WIDTHxHEIGHT")
+    parser.add_argument("--batch", type=int, default=1, help="inference batch")
+    parser.add_argument("--train-size", type=int, default=256, help="training images' side (pixels)")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per path, after one warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square peak GEMMs")
+    parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime paths")
+    args = parser.parse_args(argv)
+    width, height = (int(side) for side in args.size.lower().split("x"))
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from grounding_dino.actions.export import sample_inputs
+    from grounding_dino.precision import cpu_bf16_units
+
+    peaks = {f"torch {k}": v for k, v in torch_peaks(args.peak_size, "cpu").items()}
+    if not args.skip_ort:
+        peaks.update({f"ort {k}": v for k, v in ort_peaks(args.peak_size, args.threads).items()})
+    if device == "cuda":
+        peaks.update({f"cuda {k}": v for k, v in torch_peaks(args.peak_size * 2, "cuda").items()})
+    memory = bandwidth("cpu")
+    print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"bf16 units {', '.join(cpu_bf16_units()) or 'none'}")
+    print(f"peaks ({args.peak_size}^3 GEMM): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+          + f" GFLOP/s; memory bandwidth (copy) {memory:.1f} GB/s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg, model, criterion = build(args.config, tmp / "data")
+        batch = training_batch(cfg, model, args.train_size, args.train_batch)
+        model.train()
+        runs = {"train fp32": train_step(model, criterion, batch, False),
+                "train bf16": train_step(model, criterion, batch, True)}
+        inference = copy.deepcopy(model).eval()
+        sample = sample_inputs(inference, cfg, width, height, args.batch, seed=100)
+        runs["eager fp32"], runs["eager bf16"] = eager(inference, sample, False), eager(inference, sample, True)
+        # A bf16 path is counted in fp32: autocast changes the types, not the arithmetic (its casts have no FLOPs),
+        # and under a dispatch mode autocast meets some composite ops (einsum) half cast.
+        flops = {name: count_flops(runs[name.replace("bf16", "fp32")]).total for name in runs}
+        dtype = {"train fp32": "torch fp32", "train bf16": "torch bf16", "eager fp32": "torch fp32",
+                 "eager bf16": "torch bf16"}
+        files = {}
+        if not args.skip_ort:
+            files = onnx_files(inference, cfg, tmp / "onnx", width, height, args.batch)
+            feed = {k: v.numpy() for k, v in sample.items()}
+            for name, path in files.items():
+                ort = session(path, args.threads)
+                own = [i.name for i in ort.get_inputs()]
+                runs[name] = (lambda s, f: lambda: s.run(None, f))(ort, {k: feed[k] for k in own})
+                flops[name] = flops["eager fp32"]
+                dtype[name] = f"ort {name.split()[-1]}"
+        times: dict = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()  # warm-up
+        for _ in range(args.runs):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+
+        print(f"\n{args.config} config; training {args.train_batch} x {args.train_size} px, inference "
+              f"{args.batch} x {width}x{height}; {args.threads} threads, median of {args.runs} runs")
+        print(f"  {'path':<12} {'ms':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'peak':>12} {'of peak':>8} {'/ fp32':>7}")
+        table = {}
+        for name in runs:
+            rate = flops[name] / medians[name] / 1e9
+            share = rate / peaks[dtype[name]]
+            base = name.replace("bf16", "fp32").replace("int8", "fp32")
+            table[name] = {"ms": medians[name] * 1000, "gflop": flops[name] / 1e9, "gflops": rate,
+                           "peak": dtype[name], "of_peak": share, "vs_fp32": medians[name] / medians[base]}
+            row = table[name]
+            print(f"  {name:<12} {row['ms']:9.1f} {row['gflop']:8.2f} {rate:8.1f} {dtype[name]:>12} "
+                  f"{share:8.1%} {row['vs_fp32']:7.2f}")
+
+        slowest = sorted(runs, key=lambda n: -medians[n])[:2]
+        for name in slowest:
+            if not name.startswith("ort"):
+                groups = torch_profile(model if name.startswith("train") else inference, runs[name])
+            else:
+                path = files[name]
+                groups = ort_profile(path, {i.name: feed[i.name] for i in session(path, 1).get_inputs()},
+                                     args.threads)
+            whole = sum(groups.values()) or 1.0
+            print(f"\nwhere {name}'s time goes (ms per run, share):")
+            for group in GROUPS:
+                print(f"  {group:<22} {groups.get(group, 0.0):9.1f} {groups.get(group, 0.0) / whole:7.1%}")
+            table[name]["profile"] = groups
+    return {"peaks": peaks, "bandwidth": memory, "paths": table}
+
+
+if __name__ == "__main__":
+    main()

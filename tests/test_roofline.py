@@ -1,0 +1,42 @@
+"""benchmarks/roofline.py: its flop counter counts a GEMM exactly, and the whole run works at a tiny size (the
+figures it prints are not checked here: timing belongs to the benchmark's own run)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import roofline  # noqa: E402
+
+
+def test_flop_counter_counts_a_gemm_exactly_also_under_inference_mode():
+    a, b, bias = torch.randn(3, 5), torch.randn(5, 7), torch.randn(7)
+    with torch.inference_mode():
+        counted = roofline.count_flops(lambda: torch.addmm(bias, a, b))
+    assert dict(counted.by_op) == {"addmm": 2 * 3 * 5 * 7}
+    linear = torch.nn.Linear(5, 7)
+    counted = roofline.count_flops(lambda: linear(a.requires_grad_()).sum().backward())
+    assert counted.total == 3 * (2 * 3 * 5 * 7)  # forward, and the gradients of the input and the weight
+
+
+def test_ops_fall_into_the_profile_groups():
+    assert roofline.group_of("aten::addmm", set()) == "GEMM/conv"
+    assert roofline.group_of("aten::addmm", {"text"}) == "text encoder"
+    assert roofline.group_of("aten::add", {"msda"}) == "deformable attention"
+    assert roofline.group_of("GridSample", set()) == "deformable attention"
+    assert roofline.group_of("MatMulInteger", set()) == "GEMM/conv"
+    assert roofline.group_of("aten::layer_norm", set()) == "rest"
+
+
+def test_roofline_runs_end_to_end_at_a_tiny_size(capsys):
+    result = roofline.main(["--size", "96x96", "--train-size", "96", "--train-batch", "1", "--runs", "1",
+                            "--peak-size", "64", "--skip-ort"])
+    assert set(result["paths"]) == {"train fp32", "train bf16", "eager fp32", "eager bf16"}
+    assert all(row["gflop"] > 0 and row["ms"] > 0 for row in result["paths"].values())
+    assert {"torch fp32", "torch bf16", "torch int8"} <= set(result["peaks"])
+    profiled = [row["profile"] for row in result["paths"].values() if "profile" in row]
+    assert len(profiled) == 2 and all(set(groups) <= set(roofline.GROUPS) for groups in profiled)
+    assert "where" in capsys.readouterr().out
