@@ -50,7 +50,8 @@ GROUPS = ("GEMM/conv", "deformable attention", "text encoder", "rest")
 
 class FlopCount(TorchDispatchMode):
     """FLOPs of every op torch.utils.flop_counter has a formula for, by op. Works under inference_mode, where
-    FlopCounterMode's module tracking fails."""
+    FlopCounterMode's module tracking fails. Under inference_mode composite ops (linear, conv2d) arrive here
+    whole, so an op without a formula is decomposed, with this mode on, into the ops that have one."""
 
     def __init__(self):
         super().__init__()
@@ -58,10 +59,13 @@ class FlopCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.by_op[func._overloadpacket.__name__] += int(formula(*args, **kwargs, out_val=out))
+        if formula is None:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            return func(*args, **kwargs) if out is NotImplemented else out
+        out = func(*args, **kwargs)
+        self.by_op[func._overloadpacket.__name__] += int(formula(*args, **kwargs, out_val=out))
         return out
 
     @property

@@ -17,7 +17,10 @@ def test_flop_counter_counts_a_gemm_exactly_also_under_inference_mode():
     with torch.inference_mode():
         counted = roofline.count_flops(lambda: torch.addmm(bias, a, b))
     assert dict(counted.by_op) == {"addmm": 2 * 3 * 5 * 7}
-    linear = torch.nn.Linear(5, 7)
+    linear, conv = torch.nn.Linear(5, 7), torch.nn.Conv2d(3, 4, 3)
+    with torch.inference_mode():  # composite ops arrive whole there
+        assert roofline.count_flops(lambda: linear(a)).total == 2 * 3 * 5 * 7
+        assert roofline.count_flops(lambda: conv(torch.randn(1, 3, 6, 6))).total == 2 * (4 * 4 * 4) * (3 * 3 * 3)
     counted = roofline.count_flops(lambda: linear(a.requires_grad_()).sum().backward())
     assert counted.total == 3 * (2 * 3 * 5 * 7)  # forward, and the gradients of the input and the weight
 
