@@ -10,9 +10,9 @@ peak of the dtype it computes in:
 
 Peaks: torch.mm fp32 and bf16, torch._int_mm int8, ONNX Runtime MatMul fp32 and MatMulInteger int8, on square
 matrices (--peak-size); on a GPU also tf32 and fp16. Bandwidth: a large tensor copy (bytes read + written). The
-ONNX graphs and the bf16 paths are counted with the fp32 FLOPs (the same arithmetic). The paths run alternately in one process,
-so machine noise hits all alike. Then a per-op profile of the two slowest paths, grouped into GEMM/conv,
-deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
+ONNX graphs and the bf16 paths are counted with the fp32 FLOPs (the same arithmetic). The paths run alternately in
+one process, so machine noise hits all alike. Then a per-op profile of the two slowest paths, grouped into
+GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
 
     .venv/bin/python benchmarks/roofline.py [--config small|swin-t] [--size 960x544] [--batch 1] [--runs 5]
         [--train-size 256] [--train-batch 4] [--threads 2] [--peak-size 2048] [--skip-ort]
