@@ -184,7 +184,18 @@ def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float])
         "annotated_images": str(infer_dir / "images_annotated"),
         "automl_report": str(_one(train, "automl_report.md")),
         "onnx_model": str(_one(record["export"].results_dir, "*.onnx")),
+        "precision": {step: ran_in(record[step].results_dir) for step in ("train", "evaluate", "inference")},
     }
+
+
+def ran_in(results_dir: Path) -> Optional[str]:
+    """The precision a job ran in (precision auto resolved), from the status.json lines that record it (an AutoML
+    train job's trials each write their own)."""
+    from grounding_dino.status import read_status
+
+    found = {record["precision"] for path in sorted(Path(results_dir).rglob("status.json"))
+             for record in read_status(path) if "precision" in record}
+    return "/".join(sorted(found)) or None
 
 
 def print_summary(summary: Dict[str, Any]) -> None:
@@ -195,6 +206,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
     best = summary["best_trial"]
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
     print(f"  best AutoML trial {best['trial']}: val mAP50 {best['val_mAP50']:.3f} ({params})")
+    print("  precision: " + ", ".join(f"{step} {ran}" for step, ran in summary["precision"].items()))
     print(f"  evaluate: test mAP50 {summary['test_mAP50']:.3f} (PyTorch), {summary['onnx_test_mAP50']:.3f} "
           f"(ONNX Runtime; difference {summary['onnx_minus_torch_mAP50']:+.4f})")
     vocabulary = summary["test_AP50_by_vocabulary"]
