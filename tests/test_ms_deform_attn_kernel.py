@@ -98,7 +98,8 @@ def test_plain_path_runs_where_the_kernel_cannot(kernel):
     weights, reference = torch.zeros(1, 3, 2, len(SHAPES), 2), torch.zeros(1, 3, len(SHAPES), 2)
     assert ms_deform_attn_cpu.usable(value, offsets, weights, reference)
     assert not ms_deform_attn_cpu.usable(value.double(), offsets.double(), weights.double(), reference.double())
-    assert not ms_deform_attn_cpu.usable(value.bfloat16(), offsets, weights, reference)
+    assert ms_deform_attn_cpu.usable(value.bfloat16(), offsets, weights, reference)  # autocast's; run in float32
+    assert not ms_deform_attn_cpu.usable(value.half(), offsets, weights, reference)
     assert not ms_deform_attn_cpu.usable(value, offsets, weights, reference.requires_grad_())
 
 

@@ -4,8 +4,9 @@ It samples, weights and sums each point in one pass, where the plain path materi
 multiplies and sums them, so it saves both the memory traffic and the time (README, "Performance"). It is built on
 first use with
 torch.utils.cpp_extension (a C++ compiler and ninja; about 30 s, once per machine and instruction set, cached under
-TORCH_EXTENSIONS_DIR). Without them, with GDINO_MSDA_KERNEL=0, on GPU, in another dtype, or while exporting, the plain
-PyTorch path runs instead and gives the same results.
+TORCH_EXTENSIONS_DIR). Without them, with GDINO_MSDA_KERNEL=0, on GPU, in another dtype than float32 and bfloat16
+(which autocast gives it, and which it computes in float32), or while exporting, the plain PyTorch path runs instead
+and gives the same results.
 """
 import functools
 import hashlib
