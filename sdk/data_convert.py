@@ -20,13 +20,17 @@ from sdk.data_files import DataToolError, PathLike, detection_label, reading
 
 
 def _write_json(path: Path, data: Any, lines: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    # Serialised before the file is opened: a value JSON cannot hold stops the tool before it writes half a file.
+    try:
         if lines:
-            f.writelines(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in data)
+            text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in data)
         else:
-            json.dump(data, f, ensure_ascii=False, indent=1, allow_nan=False)
-            f.write("\n")
+            text = json.dumps(data, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+    except ValueError:
+        raise DataToolError(f"cannot write {path}: the input holds NaN or Infinity in a field copied as it is (an id "
+                            "or an extra key), which JSON does not allow; replace it with a number or null") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
