@@ -187,6 +187,7 @@ def test_training_validation_of_padded_batches_equals_evaluate_at_batch_1(tmp_pa
     spec = train_spec(paths, str(tmp_path / "runs"), epochs=1, batch_size=4, cuda=False, workers=0,
                       validation_interval=1, decay_by_epoch=True, lr=1e-6)
     spec["train"]["pretrained_model_path"] = str(BASE_MODEL)
+    spec["train"]["precision"] = "fp32"  # the recipe's "auto" is bf16 on some CPUs; evaluate below runs fp32
     assert run_action("train", spec) == 0
     kpi = [r["kpi"] for r in read_status(tmp_path / "runs" / "train" / "status.json") if "val_mAP50" in r.get("kpi",
                                                                                                              {})][-1]
