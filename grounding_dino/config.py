@@ -162,6 +162,12 @@ class TrainDataSource:
     label_map: Optional[str] = param(
         None, "Label map JSON {\"0\": \"name\", ...} for detection ODVG. Leave empty for grounding ODVG."
     )
+    sampling_weight: float = param(
+        1.0, "Images drawn from this source per epoch, as a multiple of its image count: 2 shows every image twice, "
+        "0.5 a different random half each epoch, 0 leaves the source out. Mixing a base or grounding dataset into "
+        "fine-tuning at a low weight keeps the vocabulary the model already had. Not a TAO key.",
+        minimum=0.0, maximum=1000.0,
+    )
 
 
 @dataclass
@@ -239,6 +245,11 @@ class DatasetConfig:
     max_labels: int = param(
         50, "Most category names per training caption (positives are never dropped; negatives fill up to this).",
         minimum=1, maximum=5000,
+    )
+    hard_negatives: bool = param(
+        False, "Fill a training caption's negative names first with those sharing a word with one of its positives "
+        "(\"orange circle\" beside an orange hexagon), then with random others, up to max_labels. Matters when the "
+        "vocabulary is larger than max_labels; otherwise every name is in every caption anyway. Not a TAO key.",
     )
     eval_class_ids: Optional[List[int]] = param(
         None, "Category ids included in COCO mAP; null = all (TAO's schema default [1] scores only one class).",

@@ -109,6 +109,65 @@ def test_sampling_trims_negatives_to_fit():
     assert "a" in names and len(names) == 3
 
 
+def test_hard_negatives_share_a_word_with_a_positive_and_come_first():
+    vocab = ["orange circle", "orange square", "red hexagon", "blue star", "green ring", "pink cross", "red star"]
+    positives = ["orange hexagon"]
+    for seed in range(20):
+        names = sample_names(positives, vocab, 4, np.random.default_rng(seed), hard_negatives=True)
+        negatives = set(names) - set(positives)
+        # three names share "orange" or "hexagon"; all three fit in max_labels 4, so no easy one gets in
+        assert negatives == {"orange circle", "orange square", "red hexagon"}
+    easy = [sorted(set(sample_names(positives, vocab, 4, np.random.default_rng(s))) - set(positives))
+            for s in range(20)]
+    assert any("blue star" in n or "pink cross" in n for n in easy)  # the default draws from the whole pool
+    few = sample_names(positives, vocab, 3, np.random.default_rng(0), hard_negatives=True)
+    assert len(few) == 3 and set(few) - set(positives) <= {"orange circle", "orange square", "red hexagon"}
+    more = sample_names(positives, vocab, 6, np.random.default_rng(0), hard_negatives=True)
+    assert {"orange circle", "orange square", "red hexagon"} <= set(more) and len(more) == 6
+
+
+def test_hard_negatives_reach_the_training_caption(tmp_path):
+    labels = {"0": "orange circle", "1": "orange square", "2": "blue star", "3": "pink cross", "4": "green ring"}
+    lines = [odvg_line(f"im{i}.jpg", [([4, 4, 30, 20], 0)]) for i in range(4)]
+    source = write_source(tmp_path, lines, label_map=labels)
+    ds = build_dataset(config([source], max_labels=2, hard_negatives=True), "train", train=False)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert all(sorted(ds[i][1]["phrases"]) == ["orange circle", "orange square"] for i in range(len(ds)))
+
+
+def sourced(tmp_path, name, count, label):
+    lines = [odvg_line(f"{name}{i}.jpg", [([4, 4, 30, 20], label)]) for i in range(count)]
+    return write_source(tmp_path / name, lines, name=f"{name}.jsonl")
+
+
+def test_sampling_weights_set_how_often_each_source_is_drawn_per_epoch(tmp_path):
+    base, new = sourced(tmp_path, "base", 10, 0), sourced(tmp_path, "new", 4, 1)
+    ds = build_dataset(config([{**base, "sampling_weight": 0.3}, {**new, "sampling_weight": 2}]), "train")
+    assert len(ds) == 3 + 8
+    seen = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        files = [os.path.basename(ds.records[int(i)]["file"]) for i in ds.draws.table(epoch)]
+        assert sorted(f for f in files if f.startswith("new")) == sorted(f"new{i}.jpg" for i in range(4) for _ in "ab")
+        picked = sorted(f for f in files if f.startswith("base"))
+        assert len(picked) == len(set(picked)) == 3
+        seen.append(tuple(picked))
+        assert [t["phrases"] for _, t in (ds[i] for i in range(len(ds)))]  # every index reads a record
+    assert len(set(seen)) > 1  # a different share of the down-weighted source each epoch
+    again = build_dataset(config([{**base, "sampling_weight": 0.3}, {**new, "sampling_weight": 2}]), "train")
+    assert np.array_equal(again.draws.table(3), ds.draws.table(3))  # seeded: workers and ranks agree
+
+
+def test_weight_one_everywhere_keeps_one_pass_and_zero_leaves_a_source_out(tmp_path):
+    base, new = sourced(tmp_path, "base", 5, 0), sourced(tmp_path, "new", 3, 1)
+    assert build_dataset(config([base, new]), "train").draws is None
+    ds = build_dataset(config([{**base, "sampling_weight": 0}, new]), "train")
+    assert len(ds) == 3 and all(ds.records[int(i)]["source"] == 1 for i in ds.draws.table(0))
+    with pytest.raises(DataError, match="every source's sampling_weight is 0"):
+        build_dataset(config([{**base, "sampling_weight": 0}, {**new, "sampling_weight": 0}]), "train")
+
+
 def test_sampling_does_not_depend_on_hash_seed():
     code = ("import numpy as np; from grounding_dino.data.captions import sample_names;"
             "print(sample_names({'dog', 'cat', 'emu'}, {f'n{i}' for i in range(30)}, 8, np.random.default_rng(5)))")
@@ -250,7 +309,7 @@ def test_train_item_contract(good_source):
         assert boxes.shape == (len(target["labels"]), 4) and ((boxes >= 0) & (boxes <= 1)).all()
         record = ds.records[index]
         kept_names = {target["phrases"][i] for i in target["labels"]}
-        assert kept_names <= {LABELS[str(int(l))] for l in record["labels"]}
+        assert kept_names <= {LABELS[str(int(label))] for label in record["labels"]}
 
 
 def test_items_are_deterministic_per_seed_and_epoch(good_source):

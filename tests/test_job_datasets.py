@@ -45,7 +45,7 @@ def test_train_roles_fill_the_data_keys(workspace, tiny_data, tmp_path):
     train, train2, val = (str(folders[k].resolve()) for k in ("train", "train2", "val"))
     assert data["train_data_sources"] == [
         {"image_dir": f"{folder}/images", "json_file": f"{folder}/annotations_odvg.jsonl",
-         "label_map": f"{folder}/annotations_odvg_labelmap.json"} for folder in (train, train2)]
+         "label_map": f"{folder}/annotations_odvg_labelmap.json", "sampling_weight": 1.0} for folder in (train, train2)]
     assert data["val_data_sources"] == {"image_dir": f"{val}/images.tar.gz", "json_file": f"{val}/annotations.json"}
 
 
@@ -100,7 +100,8 @@ def test_s3_dataset_folders_are_listed_at_creation(workspace, tiny_data, tmp_pat
     data = load_spec(job.path / "spec.yaml")["dataset"]
     assert data["train_data_sources"] == [{"image_dir": f"s3://{BUCKET}/ds/train/images",
                                            "json_file": f"s3://{BUCKET}/ds/train/annotations_odvg.jsonl",
-                                           "label_map": f"s3://{BUCKET}/ds/train/annotations_odvg_labelmap.json"}]
+                                           "label_map": f"s3://{BUCKET}/ds/train/annotations_odvg_labelmap.json",
+                                           "sampling_weight": 1.0}]
     assert data["val_data_sources"] == {"image_dir": f"s3://{BUCKET}/ds/val/images.tar.gz",
                                         "json_file": f"s3://{BUCKET}/ds/val/annotations.json"}
     s3.put_object(Bucket=BUCKET, Key="ds/empty/readme.txt", Body=b"x")

@@ -150,7 +150,7 @@ def test_schema_follows_the_config_metadata():
     assert lr["x-automl"] == {"enabled": True, "valid_min": 1e-5, "valid_max": 1e-3, "log": True, "popular": True}
     sources = props["dataset"]["properties"]["train_data_sources"]
     assert sources["type"] == "array" and sources["items"]["additionalProperties"] is False
-    assert set(sources["items"]["properties"]) == {"image_dir", "json_file", "label_map"}
+    assert set(sources["items"]["properties"]) == {"image_dir", "json_file", "label_map", "sampling_weight"}
     color_map = schema_gen.action_schema("inference")["properties"]["inference"]["properties"]["color_map"]
     assert color_map["additionalProperties"] == {"type": "string"}
 

@@ -145,7 +145,8 @@ def test_resolve_precedence_defaults_then_spec_then_overrides():
 
 def test_appended_list_item_gets_the_item_defaults():
     spec = resolve_spec("train", {"results_dir": "/r"}, ["dataset.train_data_sources[0].json_file=/a.jsonl"])
-    assert spec["dataset"]["train_data_sources"] == [{"image_dir": None, "json_file": "/a.jsonl", "label_map": None}]
+    assert spec["dataset"]["train_data_sources"] == [{"image_dir": None, "json_file": "/a.jsonl", "label_map": None,
+                                                      "sampling_weight": 1.0}]
     spec = resolve_spec("train", {"dataset": {"train_data_sources": [{"json_file": "/a.jsonl"}]}},
                         ["dataset.train_data_sources[1].json_file=/b.jsonl"])
     assert [s["json_file"] for s in spec["dataset"]["train_data_sources"]] == ["/a.jsonl", "/b.jsonl"]

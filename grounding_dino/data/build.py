@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..config import ExperimentConfig
 from .coco import coco_records
-from .dataset import GroundingDataset, TrainCaptions, unreadable_reason
+from .dataset import EpochDraws, GroundingDataset, TrainCaptions, unreadable_reason
 from .errors import BoxAudit, DataError, DataWarning
 from .images import NEITHER, header, orientation_rule
 from .odvg import label_names, odvg_records
@@ -70,7 +70,8 @@ def build_dataset(
     if split == "train":
         budget = _train_budget(tokenizer, records, vocabularies, data.max_labels) if tokenizer else None
         return GroundingDataset(store_records(records, data.dataset_type), vocabularies,
-                                captions=TrainCaptions(data.max_labels, budget), **common)
+                                captions=TrainCaptions(data.max_labels, budget, data.hard_negatives),
+                                draws=_draws(data.train_data_sources, records, key, cfg.train.seed), **common)
     if tokenizer is not None:
         _warn_long_eval_caption(tokenizer, list(vocabularies[0]), key)
     return GroundingDataset(store_records(records, data.dataset_type), vocabularies, phrases=list(vocabularies[0]),
@@ -97,6 +98,18 @@ def _read_train_sources(sources, audit: BoxAudit, key: str):
         records += part
         vocabularies.append(tuple(vocabulary) if vocabulary is not None else None)
     return records, vocabularies
+
+
+def _draws(sources, records: Sequence[Record], key: str, seed: int) -> Optional[EpochDraws]:
+    """Per-epoch draws when a source's sampling_weight is not 1; None keeps one pass over every record."""
+    weights = [source.sampling_weight for source in sources]
+    if all(w == 1 for w in weights):
+        return None
+    draws = EpochDraws([r["source"] for r in records], weights, seed)
+    if not len(draws):
+        raise DataError(f"{key}: every source's sampling_weight is 0 (or its images were skipped), so an epoch "
+                        "draws no image; give at least one source a weight above 0")
+    return draws
 
 
 def _check_paths(key: str, json_file: Optional[str], image_dir: Optional[str]) -> None:

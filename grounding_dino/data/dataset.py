@@ -22,13 +22,46 @@ class TrainCaptions:
     Grounding records have no vocabulary, so their caption is their own unique phrases, shuffled.
     """
 
-    def __init__(self, max_labels: int, budget: Optional[TokenBudget] = None):
+    def __init__(self, max_labels: int, budget: Optional[TokenBudget] = None, hard_negatives: bool = False):
         self.max_labels = max_labels
         self.budget = budget
+        self.hard_negatives = hard_negatives
 
     def __call__(self, box_names: List[str], negatives: Sequence[str], rng) -> List[str]:
         fits = self.budget.fits if self.budget is not None else None
-        return sample_names(box_names, negatives, self.max_labels, rng, fits)
+        return sample_names(box_names, negatives, self.max_labels, rng, fits, self.hard_negatives)
+
+
+class EpochDraws:
+    """Which record each dataset index reads in an epoch, under per-source sampling weights.
+
+    A source of n images with weight w gives round(w * n) draws per epoch (at least one when w > 0): every image
+    floor(w) times, plus a seeded random subset, different each epoch, for the fraction. The table depends only on
+    (seed, epoch), so data-loader workers and DDP ranks agree on it without talking.
+    """
+
+    def __init__(self, sources: Sequence[int], weights: Sequence[float], seed: int):
+        sources = np.asarray(sources, dtype=np.int64)
+        self.members = [np.flatnonzero(sources == s) for s in range(len(weights))]
+        self.counts = [0 if w == 0 or not len(m) else max(1, int(round(w * len(m))))
+                       for w, m in zip(weights, self.members)]
+        self.seed = seed
+        self._cached: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def table(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            parts = []
+            for source, (members, count) in enumerate(zip(self.members, self.counts)):
+                whole, rest = divmod(count, len(members)) if count else (0, 0)
+                parts += [members] * whole
+                if rest:
+                    rng = np.random.default_rng([self.seed, epoch, source])
+                    parts.append(np.sort(rng.choice(members, size=rest, replace=False)))
+            self._cached = (epoch, np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        return self._cached[1]
 
 
 class GroundingDataset(Dataset):
@@ -39,6 +72,7 @@ class GroundingDataset(Dataset):
     image_dir_keys: per source, the spec key of its image folder (named when an image cannot be read).
     phrases: a fixed caption for every image (val/test: all categories in id order); None samples one per image.
     pad_size: (h, w) the loader pads every batch to, or None to pad to the batch maximum.
+    draws: per-epoch record choice under source sampling weights (training); None reads every record once.
     """
 
     def __init__(
@@ -52,6 +86,7 @@ class GroundingDataset(Dataset):
         phrases: Optional[List[str]] = None,
         pad_size: Optional[Tuple[int, int]] = None,
         coco_file: Optional[str] = None,
+        draws: Optional[EpochDraws] = None,
     ):
         if (captions is None) == (phrases is None):
             raise ValueError("give exactly one of captions (sampled per image) and phrases (fixed caption)")
@@ -65,6 +100,7 @@ class GroundingDataset(Dataset):
         self.phrases = phrases
         self.pad_size = pad_size
         self.coco_file = coco_file
+        self.draws = draws
         self._coco_gt = None
         # Shared memory, so workers forked before set_epoch (persistent_workers) still see the new epoch.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -85,11 +121,12 @@ class GroundingDataset(Dataset):
         return self._coco_gt
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) if self.draws is None else len(self.draws)
 
     def __getitem__(self, index: int):
-        record = self.records[index]
-        rng = np.random.default_rng([self.seed, int(self._epoch), index])
+        epoch = int(self._epoch)
+        record = self.records[index if self.draws is None else int(self.draws.table(epoch)[index])]
+        rng = np.random.default_rng([self.seed, epoch, index])
         target = {"boxes": record["boxes"], "labels": record["labels"]}
         image, target = self.transforms(load_image(record, self.image_dir_keys[record["source"]]), target, rng)
         phrases, labels = self._caption_names(record, target["labels"], rng)
