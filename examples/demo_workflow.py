@@ -150,8 +150,8 @@ def run(bank, params):
         spec={
             "dataset": {
                 "test_data_sources": {
-                    "image_dir": "${data}/eval_dataset/images.tar.gz",
-                    "json_file": "${data}/eval_dataset/annotations.json",
+                    "image_dir": "${data}/test_dataset/images.tar.gz",
+                    "json_file": "${data}/test_dataset/annotations.json",
                 },
                 "batch_size": 4,
                 "workers": 0,
@@ -184,8 +184,8 @@ def run(bank, params):
         spec={
             "dataset": {
                 "test_data_sources": {
-                    "image_dir": "${data}/eval_dataset/images.tar.gz",
-                    "json_file": "${data}/eval_dataset/annotations.json",
+                    "image_dir": "${data}/test_dataset/images.tar.gz",
+                    "json_file": "${data}/test_dataset/annotations.json",
                 },
                 "batch_size": 4,
                 "workers": 0,

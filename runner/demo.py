@@ -2,9 +2,10 @@
 
 1. Data (written once under `<workspace>/data/`, reused on later runs) in TAO's data-source layout:
    train_datasets/{images.tar.gz, annotations_odvg.jsonl, annotations_odvg_labelmap.json},
-   eval_dataset/{images.tar.gz, annotations.json}, inference_dataset/{images.tar.gz, annotations.json}.
-   The vocabulary mixes colours and shapes the base model knows with new ones (orange, purple, hexagon); the
-   combinations in HOLDOUT never appear in training or val, only in the inference images.
+   eval_dataset/{images.tar.gz, annotations.json} (val), test_dataset/{images.tar.gz, annotations.json} and
+   inference_dataset/{images.tar.gz, annotations.json}. The vocabulary mixes colours and shapes the base model knows
+   with new ones (orange, purple, hexagon); the combinations in HOLDOUT never appear in training or val, only in the
+   test and inference images, which show them (and the inference prompts) more often than the other names.
 2. The workflow `examples/demo_workflow.py` (generated from `examples/demo_workflow.yaml` by `skillbank runner
    generate`): AutoML fine-tuning from the base model -> evaluate -> inference with text prompts (the inference
    action, which predicts through grounding_dino.Detector) -> ONNX export -> evaluate of the ONNX model on ONNX
@@ -46,44 +47,60 @@ MATCH_IOU = 0.5
 # data
 
 
-def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts: Sequence[str] = ()) -> Dict[str, Any]:
+def _write_weighted(folder: Path, prefix: str, code: int, count: int, names: Sequence[str],
+                    vocabulary: Sequence[str]) -> None:
+    """`count` images drawing from `names` (repeats make a name more frequent) as COCO over `vocabulary`."""
+    import numpy as np
+
+    from grounding_dino.data.synthetic import render, write_coco
+
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(count):
+        image, objects = render(np.random.default_rng([SEED, code, i]), names, IMAGE_SIZE, MAX_OBJECTS)
+        image.save(folder / "images" / f"{prefix}_{i:06d}.jpg", quality=92)
+        records.append({"file_name": f"{prefix}_{i:06d}.jpg", "image_id": i, "height": IMAGE_SIZE,
+                        "width": IMAGE_SIZE, "objects": objects})
+    write_coco(folder, records, vocabulary)
+
+
+def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts: Sequence[str] = (),
+              num_test: Optional[int] = None) -> Dict[str, Any]:
     """Write the demo data under `root` unless the same settings were written before; returns its manifest.
 
-    prompts: names the inference images show more often (PROMPT_WEIGHT), so each prompt has objects to find."""
+    prompts: names the inference images show more often (PROMPT_WEIGHT), so each prompt has objects to find.
+    num_test: test images (default num_val), every name including the held-out ones, those PROMPT_WEIGHT times as
+    often, so their AP50 rests on enough objects."""
+    num_test = num_val if num_test is None else num_test
     settings = {"seed": SEED, "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "colors": list(COLORS),
                 "shapes": list(SHAPES), "holdout": list(HOLDOUT), "num_train": num_train, "num_val": num_val,
-                "num_infer": num_infer, "prompts": list(prompts)}
+                "num_test": num_test, "num_infer": num_infer, "prompts": list(prompts)}
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         print(f"[demo] reusing the dataset in {root}", flush=True)
         return settings
-    import numpy as np
+    from grounding_dino.data.synthetic import pack_images, vocabulary, write_coco, write_odvg, write_split
 
-    from grounding_dino.data.synthetic import pack_images, render, vocabulary, write_coco, write_odvg, write_split
-
-    shutil.rmtree(root, ignore_errors=True)
-    names = vocabulary(COLORS, SHAPES, exclude=HOLDOUT)
-    train, val, infer = root / "train_datasets", root / "eval_dataset", root / "inference_dataset"
-    write_odvg(train, write_split(train, "train", num_train, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
-    write_coco(val, write_split(val, "val", num_val, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
     everything = vocabulary(COLORS, SHAPES)
     unknown = sorted(set(prompts) - set(everything))
     if unknown:
         raise ValueError(f"inference prompts {unknown} are not names of the demo vocabulary ({', '.join(everything)})")
-    weighted = everything + [n for n in prompts for _ in range(PROMPT_WEIGHT - 1)]
-    (infer / "images").mkdir(parents=True)
-    records = []
-    for i in range(num_infer):
-        image, objects = render(np.random.default_rng([SEED, 2, i]), weighted, IMAGE_SIZE, MAX_OBJECTS)
-        image.save(infer / "images" / f"infer_{i:06d}.jpg", quality=92)
-        records.append({"file_name": f"infer_{i:06d}.jpg", "image_id": i, "height": IMAGE_SIZE,
-                        "width": IMAGE_SIZE, "objects": objects})
-    write_coco(infer, records, everything)
-    for folder in (train, val, infer):
+    shutil.rmtree(root, ignore_errors=True)
+    names = vocabulary(COLORS, SHAPES, exclude=HOLDOUT)
+    train, val, test, infer = (root / f for f in ("train_datasets", "eval_dataset", "test_dataset",
+                                                  "inference_dataset"))
+    write_odvg(train, write_split(train, "train", num_train, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
+    write_coco(val, write_split(val, "val", num_val, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
+    _write_weighted(test, "test", 3, num_test, everything + [n for n in HOLDOUT for _ in range(PROMPT_WEIGHT - 1)],
+                    everything)
+    _write_weighted(infer, "infer", 2, num_infer,
+                    everything + [n for n in prompts for _ in range(PROMPT_WEIGHT - 1)], everything)
+    for folder in (train, val, test, infer):
         pack_images(str(folder / "images"))
         shutil.rmtree(folder / "images")  # the layout holds only the archive; jobs extract it into their cache
     manifest.write_text(json.dumps(settings, indent=1, allow_nan=False) + "\n")
-    print(f"[demo] dataset written to {root}: {num_train} train, {num_val} val, {num_infer} inference images; "
+    print(f"[demo] dataset written to {root}: {num_train} train, {num_val} val, {num_test} test, {num_infer} "
+          "inference images; "
           f"{len(names)} training names, held out {', '.join(HOLDOUT)}", flush=True)
     return settings
 
@@ -175,6 +192,7 @@ def summarize(bank, jobs: Dict[str, str], data: Path, seconds: Dict[str, float])
         "test_AP50_by_vocabulary": ap50_by_vocabulary(per_class),
         # evaluate's own split against the fine-tuning label map (evaluate.train_vocabulary, from the train parent)
         "test_mAP50_by_finetuning": {group: torch_eval.get(f"mAP50_{group}") for group in FINETUNING_GROUPS},
+        "held_out_test_AP50": {row["name"]: row["AP50"] for row in per_class if row["name"] in HOLDOUT},
         "onnx_test_mAP50": onnx_eval["mAP50"],
         "onnx_minus_torch_mAP50": onnx_eval["mAP50"] - torch_eval["mAP50"],
         "prompts": prompts,
@@ -216,6 +234,8 @@ def print_summary(summary: Dict[str, Any]) -> None:
     split = summary["test_mAP50_by_finetuning"]
     print("            mAP50 " + ", ".join(f"{'-' if split[k] is None else format(split[k], '.3f')} {text}"
                                          for k, text in FINETUNING_GROUPS.items()))
+    held_out = summary["held_out_test_AP50"]
+    print("            AP50 " + ", ".join(f"{ap:.3f} {name} (held out)" for name, ap in held_out.items()))
     print(f"  inference prompts (score >= {summary['conf_threshold']}), objects found in the inference images:")
     for phrase in summary["prompts"]:
         counts = summary["found"].get(phrase, {"objects": 0, "found": 0, "false": 0})
@@ -289,7 +309,8 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
 
 
 def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = False, num_train: int = 240,
-             num_val: int = 60, num_infer: int = 12, max_trials: int = 3, num_epochs: int = 1) -> Dict[str, Any]:
+             num_val: int = 60, num_infer: int = 12, max_trials: int = 3, num_epochs: int = 1,
+             num_test: Optional[int] = None) -> Dict[str, Any]:
     """Run the whole demo; returns (and writes to <workspace>/demo_summary.json) the summary."""
     from runner.base_model import BASE_MODEL
     from sdk import SkillBank
@@ -303,7 +324,7 @@ def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = F
         raise FileNotFoundError(f"the base model {BASE_MODEL} is missing; build it with `skillbank demo --build-base`")
     runner = load_workflow_runner()
     data = workspace / "data"
-    make_data(data, num_train, num_val, num_infer, runner.PARAMS["captions"])
+    make_data(data, num_train, num_val, num_infer, runner.PARAMS["captions"], num_test)
     seconds = {"data": round(time.monotonic() - started, 1)}
     print(f"[demo] running {WORKFLOW.relative_to(BANK_ROOT)} in {workspace}", flush=True)
     jobs = runner.run(SkillBank(workspace), {"data": str(data), "base_model": str(BASE_MODEL),
@@ -323,6 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the workspace first (data and jobs)")
     parser.add_argument("--num-train", type=int, default=240, help="fine-tuning images (default %(default)s)")
     parser.add_argument("--num-val", type=int, default=60, help="val images (default %(default)s)")
+    parser.add_argument("--num-test", type=int, help="test images (default: as many as val)")
     parser.add_argument("--num-infer", type=int, default=12, help="inference images (default %(default)s)")
     parser.add_argument("--max-trials", type=int, default=3, help="AutoML trials (default %(default)s)")
     parser.add_argument("--num-epochs", type=int, default=1, help="epochs per trial (default %(default)s)")
@@ -342,7 +364,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     run_demo(workspace, fresh=args.fresh, num_train=args.num_train, num_val=args.num_val,
-             num_infer=args.num_infer, max_trials=args.max_trials, num_epochs=args.num_epochs)
+             num_infer=args.num_infer, max_trials=args.max_trials, num_epochs=args.num_epochs, num_test=args.num_test)
     return 0
 
 

@@ -17,7 +17,8 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
     demo.make_data(root, num_train=6, num_val=4, num_infer=6, prompts=demo.HOLDOUT)
     expected = {"manifest.json", "train_datasets/images.tar.gz", "train_datasets/annotations_odvg.jsonl",
                 "train_datasets/annotations_odvg_labelmap.json", "eval_dataset/images.tar.gz",
-                "eval_dataset/annotations.json", "inference_dataset/images.tar.gz",
+                "eval_dataset/annotations.json", "test_dataset/images.tar.gz", "test_dataset/annotations.json",
+                "inference_dataset/images.tar.gz",
                 "inference_dataset/annotations.json"}
     assert {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} == expected
     label_map = set(json.loads((root / "train_datasets" / "annotations_odvg_labelmap.json").read_text()).values())
@@ -27,6 +28,9 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
     infer = json.loads((root / "inference_dataset" / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in infer["categories"]}
     assert {names[a["category_id"]] for a in infer["annotations"]} & set(demo.HOLDOUT)
+    test = json.loads((root / "test_dataset" / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in test["categories"]}
+    assert set(names.values()) == label_map | set(demo.HOLDOUT)  # the test set scores the held-out names too
     with tarfile.open(root / "train_datasets" / "images.tar.gz") as tar:
         assert len(tar.getnames()) == 6 and all("/" not in n for n in tar.getnames())
 
@@ -72,7 +76,8 @@ def test_ap50_is_split_by_whether_a_name_has_a_word_new_to_the_base_model():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
-    summary = demo.run_demo(tmp_path / "ws", num_train=12, num_val=6, num_infer=3, max_trials=1, num_epochs=1)
+    summary = demo.run_demo(tmp_path / "ws", num_train=12, num_val=6, num_infer=3, max_trials=1, num_epochs=1,
+                            num_test=12)
     out = capsys.readouterr().out
     assert "[automl] trial 0 epoch 1/1" in out and "demo summary" in out
     assert list(summary["jobs"]) == ["train", "evaluate", "inference", "export", "evaluate_onnx"]
@@ -84,6 +89,8 @@ def test_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
     # the evaluate job got its train parent's label map: the fine-tuning split is measured, not left out
     assert set(summary["test_mAP50_by_finetuning"]) == {"seen", "unseen_combination", "unseen_word"}
     assert summary["test_mAP50_by_finetuning"]["seen"] is not None
+    assert summary["test_mAP50_by_finetuning"]["unseen_combination"] is not None  # orange hexagon is in the test set
+    assert set(summary["held_out_test_AP50"]) == set(summary["held_out"])
     assert summary["held_out"][0] in summary["prompts"] and summary["held_out"][0] in summary["found"]
     assert len(list((tmp_path / "ws").rglob("images_annotated/*.jpg"))) == 3
     assert json.loads((tmp_path / "ws" / "demo_summary.json").read_text()) == summary
