@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ SHAPES = ("circle", "square", "triangle", "star", "diamond")
 IMAGE_SIZE = 256
 MAX_OBJECTS = 6
 NUM_VAL = 200
+DEFAULT_VOCABULARY = {"colors": COLORS, "shapes": SHAPES, "holdout": ()}
 
 # The architecture every spec that starts from the base model must carry (structural keys are checked on load).
 MODEL: Dict[str, Any] = {
@@ -72,13 +74,20 @@ def model_section() -> Dict[str, Any]:
     return copy.deepcopy(MODEL)
 
 
-def generate_data(root: str | os.PathLike, num_train: int, num_val: int = NUM_VAL, seed: int = SEED) -> Dict[str, str]:
+def generate_data(root: str | os.PathLike, num_train: int, num_val: int = NUM_VAL, seed: int = SEED,
+                  colors: Sequence[str] = COLORS, shapes: Sequence[str] = SHAPES,
+                  holdout: Sequence[str] = ()) -> Dict[str, str]:
     """The base data under `root` (train ODVG + val COCO, the paths a spec needs). Same arguments, same bytes;
-    the val images do not depend on num_train."""
+    the val images do not depend on num_train. holdout: names left out of training (the val set keeps them)."""
     from grounding_dino.data.synthetic import generate
 
     return generate(str(root), num_train=num_train, num_val=num_val, image_size=IMAGE_SIZE,
-                    max_objects=MAX_OBJECTS, seed=seed, colors=COLORS, shapes=SHAPES)
+                    max_objects=MAX_OBJECTS, seed=seed, colors=colors, shapes=shapes, holdout=holdout)
+
+
+def _names(text: Optional[str], default: Sequence[str]) -> tuple:
+    """A comma-separated option ("red,orange") as a tuple; None gives `default`."""
+    return tuple(default) if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def text_freeze(text_layers: int) -> list:
@@ -254,13 +263,14 @@ def _callbacks(out: Path, seconds: Optional[float]):
     return [Progress(), packer] + ([TimeBudget()] if seconds else []), packer
 
 
-RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "text_layers", "device", "init")
+RECIPE_OPTIONS = ("minutes", "epochs", "batch_size", "num_train", "lr", "text_layers", "colors", "shapes", "holdout",
+                  "device", "init")
 
 
 def _stage_command(args: Dict[str, Any], out: str) -> str:
     # A fixed option order: the card stores its arguments with sorted keys, and the command must read the same.
     return f"python -m runner.base_model build --out {out} " + " ".join(
-        f"--{k.replace('_', '-')} {args[k]}" for k in RECIPE_OPTIONS if args.get(k) is not None)
+        f"--{k.replace('_', '-')} {shlex.quote(str(args[k]))}" for k in RECIPE_OPTIONS if args.get(k) is not None)
 
 
 def recipe_commands(stages: Sequence[Dict[str, Any]]) -> list:
@@ -305,13 +315,23 @@ def _epoch_drop_step(spec: Dict[str, Any], packer) -> Optional[int]:
 
 def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Optional[int] = None,
           batch_size: Optional[int] = None, num_train: int = 6000, device: str = "auto",
-          workers: Optional[int] = None, lr: float = LR, text_layers: int = 0, init: Optional[str] = None) -> Path:
+          workers: Optional[int] = None, lr: float = LR, text_layers: int = 0, init: Optional[str] = None,
+          colors: Optional[str] = None, shapes: Optional[str] = None, holdout: Optional[str] = None) -> Path:
     """Train the base model (from scratch, or from the earlier build `init`) and pack it to `out/base_model.pth`
-    with a card (no metrics yet)."""
+    with a card (no metrics yet). colors/shapes/holdout: comma-separated; the vocabulary of this stage's data
+    (default COLORS x SHAPES), without the held-out names (which its val set keeps: the card scores them
+    zero-shot)."""
     if not minutes and not epochs:
         raise ValueError("give --epochs, --minutes or both: the recipe needs to know when to stop")
     previous = _previous_stages(init)
     freeze = text_freeze(text_layers)  # before anything is written: a bad --text-layers stops here
+    vocabulary = {"colors": _names(colors, COLORS), "shapes": _names(shapes, SHAPES), "holdout": _names(holdout, ())}
+    from grounding_dino.data.synthetic import vocabulary as names_of
+
+    names_of(vocabulary["colors"], vocabulary["shapes"])  # an unknown colour or shape stops here, with the choices
+    stray = set(vocabulary["holdout"]) - set(names_of(vocabulary["colors"], vocabulary["shapes"]))
+    if stray:
+        raise ValueError(f"--holdout {', '.join(sorted(stray))}: not colour x shape names of this vocabulary")
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
     import torch
@@ -326,8 +346,9 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    paths = generate_data(out / "data", num_train)
-    print(f"[base] data: {num_train} train / {NUM_VAL} val images, {len(COLORS) * len(SHAPES)} names, seed {SEED} "
+    paths = generate_data(out / "data", num_train, **vocabulary)
+    count = len(vocabulary["colors"]) * len(vocabulary["shapes"]) - len(vocabulary["holdout"])
+    print(f"[base] data: {num_train} train / {NUM_VAL} val images, {count} names, seed {SEED} "
           f"({time.time() - started:.0f} s)", flush=True)
     max_epochs = epochs or 100_000
     spec = train_spec(paths, str(out), epochs=max_epochs, batch_size=batch_size, cuda=cuda,
@@ -340,7 +361,8 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
     run_action("train", spec, callbacks=callbacks)
     train_seconds = time.time() - train_start
     recipe = {"minutes": minutes, "epochs": epochs, "batch_size": batch_size, "num_train": num_train, "lr": lr,
-              "text_layers": text_layers or None, "device": device}
+              "text_layers": text_layers or None, "device": device,
+              **{k: ",".join(v) for k, v in vocabulary.items() if v != _names(None, DEFAULT_VOCABULARY[k])}}
     train = {"epochs": packer.epochs, "steps": packer.steps, "batch_size": batch_size,
              "lr_drop_step": packer.lr_drop_step if minutes else _epoch_drop_step(spec, packer),
              "lr": lr, "precision": resolve(spec["train"]["precision"], "cuda" if cuda else "cpu")[0],
@@ -357,9 +379,10 @@ def build(out: str | os.PathLike, *, minutes: Optional[float] = None, epochs: Op
         "text_encoder": TEXT_ENCODER,
         "recipe": recipe_text(stages),
         "recipe_args": recipe,
-        "data": {"generator": "grounding_dino.data.synthetic", "seed": SEED, "colors": list(COLORS),
-                 "shapes": list(SHAPES), "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS,
-                 "num_train": num_train, "num_val": NUM_VAL},
+        "data": {"generator": "grounding_dino.data.synthetic", "seed": SEED, "colors": list(vocabulary["colors"]),
+                 "shapes": list(vocabulary["shapes"]), **({"holdout": list(vocabulary["holdout"])}
+                                                          if vocabulary["holdout"] else {}),
+                 "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "num_train": num_train, "num_val": NUM_VAL},
         "model": spec["model"],
         "train": {"steps": sum(stage["train"]["steps"] for stage in stages),
                   "seconds": round(sum(stage["train"]["seconds"] for stage in stages), 1),
@@ -381,7 +404,8 @@ def regenerate_val(root: str | os.PathLike, data: Dict[str, Any]) -> Dict[str, s
     from grounding_dino.data.synthetic import generate
 
     return generate(str(root), num_train=0, num_val=data["num_val"], image_size=data["image_size"],
-                    max_objects=data["max_objects"], seed=data["seed"], colors=data["colors"], shapes=data["shapes"])
+                    max_objects=data["max_objects"], seed=data["seed"], colors=data["colors"], shapes=data["shapes"],
+                    holdout=data.get("holdout", ()))
 
 
 def measure(model_path: str | os.PathLike, work_dir: Optional[str | os.PathLike] = None) -> Dict[str, float]:
@@ -422,6 +446,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--lr", type=float, default=LR, help="learning rate of every group (default %(default)s)")
     b.add_argument("--text-layers", type=int, default=0,
                    help="also train the text encoder's top N layers (default %(default)s: frozen)")
+    b.add_argument("--colors", help=f"comma-separated colours of the data (default {','.join(COLORS)})")
+    b.add_argument("--shapes", help=f"comma-separated shapes of the data (default {','.join(SHAPES)})")
+    b.add_argument("--holdout", help="comma-separated names left out of training (the val set keeps them)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     b.add_argument("--init", help="continue from this earlier build's base_model.pth instead of from scratch")
     c = commands.add_parser("card", help="evaluate a packed model on the base val set and write its card")
@@ -432,7 +459,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "build":
             build(args.out, minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
                   num_train=args.num_train, device=args.device, workers=args.workers, lr=args.lr,
-                  text_layers=args.text_layers, init=args.init)
+                  text_layers=args.text_layers, init=args.init, colors=args.colors, shapes=args.shapes,
+                  holdout=args.holdout)
         else:
             write_card(args.model)
     except (ValueError, FileNotFoundError) as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,30 @@ def test_recipe_chains_the_stages_from_scratch():
                      "--num-train 6000 --lr 0.0005 --device cuda")
     assert second.endswith("--lr 0.0002 --text-layers 2 --device cpu --init stage1/base_model.pth")
     assert "--out stage2" in second
+
+
+def test_a_stage_with_its_own_vocabulary_replays_it():
+    stage = {"recipe_args": {"minutes": 50, "epochs": None, "batch_size": 4, "num_train": 3000, "lr": 1e-4,
+                             "text_layers": 2, "colors": "red,orange", "shapes": "circle,hexagon",
+                             "holdout": "orange hexagon", "device": "cpu"},
+             "train": {"epochs": 5, "steps": 3750, "seconds": 3000.0}}
+    *_, last = base_model.recipe_commands(TWO_STAGES + [stage])
+    assert "--colors red,orange --shapes circle,hexagon --holdout 'orange hexagon' --device cpu" in last
+    from runner.demo import base_build_commands
+
+    argv = base_build_commands({"stages": TWO_STAGES + [stage]}, Path("/tmp/x"))[-1]
+    assert argv[argv.index("--holdout") + 1] == "orange hexagon" and argv[argv.index("--epochs") + 1] == "5"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"colors": "red,mauve"}, "unknown colour 'mauve'"),
+    ({"shapes": "circle,blob"}, "unknown shape 'blob'"),
+    ({"colors": "red,blue", "holdout": "green circle"}, "--holdout green circle: not colour x shape names"),
+])
+def test_build_refuses_a_vocabulary_it_cannot_draw_before_writing(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        base_model.build(tmp_path / "out", epochs=1, **options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_rebuild_replays_each_stage_by_the_epochs_it_ran(tmp_path):
