@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Runner for the workflow `grounding_dino_demo`.
 
-Fine-tune the packaged base Grounding DINO (pretrained on synthetic shapes) on a vocabulary with new colours and a
-new shape, searching the learning rates with AutoML; evaluate the best trial; detect text prompts, one of them a
-colour x shape combination never seen in training; export to ONNX and evaluate the ONNX model on ONNX Runtime.
+Fine-tune the packaged base Grounding DINO (pretrained on synthetic shapes) on a vocabulary with a new colour,
+searching the learning rates with AutoML; evaluate the best trial; detect text prompts, one of them a colour x shape
+combination never seen in any training; export to ONNX and evaluate the ONNX model on ONNX Runtime.
 
 Steps: train (train, automl on) -> evaluate (evaluate, parent train) -> inference (inference, parent train) -> export
 (export, parent train) -> evaluate_onnx (evaluate, parent export).

@@ -10,8 +10,9 @@ only the MiniLM layers the recipe trained are stored) with a JSON card
                                               [--init FILE]
     python -m runner.base_model card --model DIR/base_model.pth
 
-`build` generates the base data (8 colours x 5 shapes, seed SEED), trains from scratch with `run_training`, stops
-after N epochs or M minutes (whichever comes first), packs the final weights and writes the card without metrics.
+`build` generates the base data (COLORS x SHAPES unless --colors/--shapes say otherwise, seed SEED), trains from
+scratch with `run_training`, stops after N epochs or M minutes (whichever comes first), packs the final weights and
+writes the card without metrics.
 `--text-layers N` trains MiniLM's top N layers too (frozen, it keeps colour words such as "red", "green" and
 "blue" too alike for the detector to tell apart). `build --init PREVIOUS/base_model.pth` continues from an earlier
 build instead of from scratch: the card then lists every stage (device, time, steps, settings) and its `recipe`

@@ -3,9 +3,10 @@
 1. Data (written once under `<workspace>/data/`, reused on later runs) in TAO's data-source layout:
    train_datasets/{images.tar.gz, annotations_odvg.jsonl, annotations_odvg_labelmap.json},
    eval_dataset/{images.tar.gz, annotations.json} (val), test_dataset/{images.tar.gz, annotations.json} and
-   inference_dataset/{images.tar.gz, annotations.json}. The vocabulary mixes colours and shapes the base model knows
-   with new ones (orange, purple, hexagon); the combinations in HOLDOUT never appear in training or val, only in the
-   test and inference images, which show them (and the inference prompts) more often than the other names.
+   inference_dataset/{images.tar.gz, annotations.json}. The vocabulary mixes names the base model knows with a colour
+   new to it (purple); the combinations in HOLDOUT appear neither in the base model's training nor in the demo's
+   training or val, only in the test and inference images, which show them (and the inference prompts) more often
+   than the other names.
 2. The workflow `examples/demo_workflow.py` (generated from `examples/demo_workflow.yaml` by `skillbank runner
    generate`): AutoML fine-tuning from the base model -> evaluate -> inference with text prompts (the inference
    action, which predicts through grounding_dino.Detector) -> ONNX export -> evaluate of the ONNX model on ONNX
@@ -36,9 +37,9 @@ WORKFLOW = BANK_ROOT / "examples" / "demo_workflow.py"
 SEED = 7
 IMAGE_SIZE = 256
 MAX_OBJECTS = 6
-COLORS = ("red", "blue", "green", "orange", "purple")       # orange and purple are new to the base model
-SHAPES = ("circle", "square", "triangle", "hexagon")         # hexagon is new
-HOLDOUT = ("orange hexagon",)                                 # never trained on; asked for at inference
+COLORS = ("red", "blue", "green", "orange", "purple")       # purple is new to the base model
+SHAPES = ("circle", "square", "triangle", "hexagon")
+HOLDOUT = ("orange hexagon",)  # words the base model knows, a pair nobody trained on; asked for at inference
 PROMPT_WEIGHT = 4  # the inference images draw the workflow's prompts this many times as often as other names
 MATCH_IOU = 0.5
 

@@ -120,7 +120,10 @@ def test_shipped_base_model_is_small_and_matches_its_card():
     assert card["size_bytes"] == path.stat().st_size
     assert card["sha256"] == base_model.sha256(path)
     assert card["text_encoder"] == "minilm" and card["model"] == base_model.MODEL
-    assert card["data"]["seed"] == base_model.SEED and card["data"]["colors"] == list(base_model.COLORS)
+    last = base_model.card_stages(card)[-1]["recipe_args"]  # the data section describes the last stage's data
+    assert card["data"]["seed"] == base_model.SEED
+    assert card["data"]["colors"] == list(base_model._names(last.get("colors"), base_model.COLORS))
+    assert card["data"]["shapes"] == list(base_model._names(last.get("shapes"), base_model.SHAPES))
     assert card["train"]["steps"] > 0 and card["train"]["seconds"] > 0
     assert card["recipe"].startswith("python -m runner.base_model build")
     stages = card.get("stages", [])

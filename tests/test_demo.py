@@ -67,8 +67,11 @@ def test_found_per_phrase_matches_each_object_once():
 
 
 def test_ap50_is_split_by_whether_a_name_has_a_word_new_to_the_base_model():
+    from runner.base_model import read_card
+
+    assert "purple" not in read_card()["data"]["colors"]  # the demo's new colour
     rows = [{"name": "red circle", "AP50": 0.8, "objects": 3}, {"name": "blue square", "AP50": 0.6, "objects": 2},
-            {"name": "orange circle", "AP50": 0.3, "objects": 4}, {"name": "red hexagon", "AP50": 0.1, "objects": 1},
+            {"name": "purple circle", "AP50": 0.3, "objects": 4}, {"name": "purple star", "AP50": 0.1, "objects": 1},
             {"name": "purple square", "AP50": -1.0, "objects": 0}]  # no ground truth: not averaged
     split = demo.ap50_by_vocabulary(rows)
     assert split["known_words"] == pytest.approx(0.7) and split["new_words"] == pytest.approx(0.2)
