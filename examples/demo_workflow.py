@@ -30,7 +30,7 @@ WORKSPACE = "demo_workspace"
 PARAMS = {
     "data": "demo_workspace/data",
     "base_model": "grounding_dino/assets/base_model.pth",
-    "max_trials": 3,
+    "max_trials": 2,
     "num_epochs": 1,
     "captions": ["orange hexagon", "orange circle", "purple square", "red hexagon", "blue triangle"],
 }
@@ -110,6 +110,12 @@ def run(bank, params):
                         "image_dir": "${data}/train_datasets/images.tar.gz",
                         "json_file": "${data}/train_datasets/annotations_odvg.jsonl",
                         "label_map": "${data}/train_datasets/annotations_odvg_labelmap.json",
+                    },
+                    {
+                        "image_dir": "${data}/base_datasets/images.tar.gz",
+                        "json_file": "${data}/base_datasets/annotations_odvg.jsonl",
+                        "label_map": "${data}/base_datasets/annotations_odvg_labelmap.json",
+                        "sampling_weight": 0.5,
                     },
                 ],
                 "val_data_sources": {

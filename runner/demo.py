@@ -42,6 +42,7 @@ SHAPES = ("circle", "square", "triangle", "hexagon")
 HOLDOUT = ("orange hexagon",)  # words the base model knows, a pair nobody trained on; asked for at inference
 PROMPT_WEIGHT = 4  # the inference images draw the workflow's prompts this many times as often as other names
 MATCH_IOU = 0.5
+REPLAY_IMAGES = 160  # images in the base model's vocabulary, mixed into fine-tuning (the workflow's sampling_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,9 +74,13 @@ def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts:
     num_test: test images (default num_val), every name including the held-out ones, those PROMPT_WEIGHT times as
     often, so their AP50 rests on enough objects."""
     num_test = num_val if num_test is None else num_test
+    from runner.base_model import read_card
+
+    base = read_card()["data"]
     settings = {"seed": SEED, "image_size": IMAGE_SIZE, "max_objects": MAX_OBJECTS, "colors": list(COLORS),
                 "shapes": list(SHAPES), "holdout": list(HOLDOUT), "num_train": num_train, "num_val": num_val,
-                "num_test": num_test, "num_infer": num_infer, "prompts": list(prompts)}
+                "num_test": num_test, "num_infer": num_infer, "prompts": list(prompts), "replay": REPLAY_IMAGES,
+                "base_vocabulary": [base["colors"], base["shapes"], base.get("holdout", [])]}
     manifest = root / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         print(f"[demo] reusing the dataset in {root}", flush=True)
@@ -91,12 +96,18 @@ def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts:
     train, val, test, infer = (root / f for f in ("train_datasets", "eval_dataset", "test_dataset",
                                                   "inference_dataset"))
     write_odvg(train, write_split(train, "train", num_train, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
+    # What the base model was trained on (its card's vocabulary), for fine-tuning to replay: the held-out pairs
+    # stay out of it too.
+    replay = root / "base_datasets"
+    base_names = vocabulary(base["colors"], base["shapes"], exclude=set(base.get("holdout", [])) | set(HOLDOUT))
+    write_odvg(replay, write_split(replay, "train", REPLAY_IMAGES, base_names, IMAGE_SIZE, MAX_OBJECTS, SEED + 1),
+               base_names)
     write_coco(val, write_split(val, "val", num_val, names, IMAGE_SIZE, MAX_OBJECTS, SEED), names)
     _write_weighted(test, "test", 3, num_test, everything + [n for n in HOLDOUT for _ in range(PROMPT_WEIGHT - 1)],
                     everything)
     _write_weighted(infer, "infer", 2, num_infer,
                     everything + [n for n in prompts for _ in range(PROMPT_WEIGHT - 1)], everything)
-    for folder in (train, val, test, infer):
+    for folder in (train, replay, val, test, infer):
         pack_images(str(folder / "images"))
         shutil.rmtree(folder / "images")  # the layout holds only the archive; jobs extract it into their cache
     manifest.write_text(json.dumps(settings, indent=1, allow_nan=False) + "\n")
@@ -310,7 +321,7 @@ def build_base(workspace: Path, minutes: Optional[float], epochs: Optional[int],
 
 
 def run_demo(workspace: str | os.PathLike = "demo_workspace", *, fresh: bool = False, num_train: int = 240,
-             num_val: int = 60, num_infer: int = 12, max_trials: int = 3, num_epochs: int = 1,
+             num_val: int = 60, num_infer: int = 12, max_trials: int = 2, num_epochs: int = 1,
              num_test: Optional[int] = None) -> Dict[str, Any]:
     """Run the whole demo; returns (and writes to <workspace>/demo_summary.json) the summary."""
     from runner.base_model import BASE_MODEL
@@ -347,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-val", type=int, default=60, help="val images (default %(default)s)")
     parser.add_argument("--num-test", type=int, help="test images (default: as many as val)")
     parser.add_argument("--num-infer", type=int, default=12, help="inference images (default %(default)s)")
-    parser.add_argument("--max-trials", type=int, default=3, help="AutoML trials (default %(default)s)")
+    parser.add_argument("--max-trials", type=int, default=2, help="AutoML trials (default %(default)s)")
     parser.add_argument("--num-epochs", type=int, default=1, help="epochs per trial (default %(default)s)")
     parser.add_argument("--build-base", action="store_true",
                         help="first rebuild the base model with its recipe and install it (hours on a CPU)")

@@ -7,7 +7,9 @@ import tarfile
 
 import pytest
 
+from grounding_dino.data.synthetic import vocabulary
 from runner import demo
+from runner.base_model import read_card
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,7 +18,9 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
     root = tmp_path / "data"
     demo.make_data(root, num_train=6, num_val=4, num_infer=6, prompts=demo.HOLDOUT)
     expected = {"manifest.json", "train_datasets/images.tar.gz", "train_datasets/annotations_odvg.jsonl",
-                "train_datasets/annotations_odvg_labelmap.json", "eval_dataset/images.tar.gz",
+                "train_datasets/annotations_odvg_labelmap.json", "base_datasets/images.tar.gz",
+                "base_datasets/annotations_odvg.jsonl", "base_datasets/annotations_odvg_labelmap.json",
+                "eval_dataset/images.tar.gz",
                 "eval_dataset/annotations.json", "test_dataset/images.tar.gz", "test_dataset/annotations.json",
                 "inference_dataset/images.tar.gz",
                 "inference_dataset/annotations.json"}
@@ -28,6 +32,9 @@ def test_dataset_layout_holdout_and_reuse(tmp_path, capsys):
     infer = json.loads((root / "inference_dataset" / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in infer["categories"]}
     assert {names[a["category_id"]] for a in infer["annotations"]} & set(demo.HOLDOUT)
+    replay = set(json.loads((root / "base_datasets" / "annotations_odvg_labelmap.json").read_text()).values())
+    base = read_card()["data"]
+    assert replay == set(vocabulary(base["colors"], base["shapes"])) - set(demo.HOLDOUT)  # the base's own names
     test = json.loads((root / "test_dataset" / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in test["categories"]}
     assert set(names.values()) == label_map | set(demo.HOLDOUT)  # the test set scores the held-out names too
@@ -67,8 +74,6 @@ def test_found_per_phrase_matches_each_object_once():
 
 
 def test_ap50_is_split_by_whether_a_name_has_a_word_new_to_the_base_model():
-    from runner.base_model import read_card
-
     assert "purple" not in read_card()["data"]["colors"]  # the demo's new colour
     rows = [{"name": "red circle", "AP50": 0.8, "objects": 3}, {"name": "blue square", "AP50": 0.6, "objects": 2},
             {"name": "purple circle", "AP50": 0.3, "objects": 4}, {"name": "purple star", "AP50": 0.1, "objects": 1},
