@@ -89,7 +89,9 @@ def _train(tiny_train_spec, results_dir, value):
     records = read_status(results_dir / "train" / "status.json")
     losses = [r["kpi"]["train_loss"] for r in records if "train_loss" in r.get("kpi", {})]
     started = next(r for r in records if r["status"] == "STARTED" and "precision" in r)
-    return losses, records[-2]["kpi"]["val_mAP50"], started["precision"]
+    # the last validation's record: other records (progress lines of a slow run) may follow it
+    final_map = next(r["kpi"]["val_mAP50"] for r in reversed(records) if "val_mAP50" in r.get("kpi", {}))
+    return losses, final_map, started["precision"]
 
 
 EPOCHS = 40
