@@ -94,14 +94,15 @@ def _train(tiny_train_spec, results_dir, value):
     return losses, final_map, started["precision"]
 
 
-EPOCHS = 40
+EPOCHS = 60
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 units")
 def test_bf16_training_on_cpu_learns_like_fp32(tiny_train_spec, tmp_path):
-    """The same 80 steps (8 images, batch 4) in fp32 and in bf16-mixed on CPU: both losses fall by the same
-    share, and the val mAP50 at the end is within 0.03."""
+    """The same 120 steps (8 images, batch 4) in fp32 and in bf16-mixed on CPU: both losses fall by the same share,
+    and the val mAP50 at the end is within 0.03. At 80 steps neither run had converged, and one CI run saw their
+    mAP50s on these 8 images differ by 0.044."""
     torch.set_num_threads(2)
     fp32, map_fp32, ran_fp32 = _train(tiny_train_spec, tmp_path / "fp32", "fp32")
     bf16, map_bf16, ran_bf16 = _train(tiny_train_spec, tmp_path / "bf16", "bf16")
