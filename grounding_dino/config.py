@@ -510,6 +510,10 @@ class InferenceConfig:
     color_map: Dict[str, str] = param({}, "Phrase -> color name or #rrggbb; other phrases get a stable color.")
     conf_threshold: float = param(0.5, "Detections below this score are not written.", minimum=0.0, maximum=1.0,
                                   popular=True)
+    one_label_per_box: bool = param(
+        False, "Give each predicted box only its best-scoring phrase, as the official Grounding DINO image demo does. "
+        "Off (TAO's behaviour), the top model.num_select (box, phrase) pairs are kept, so one box can be drawn "
+        "twice: \"blue hexagon\" 0.7 and, for the same box, \"orange hexagon\" 0.4. Not a TAO key.")
     is_internal: bool = param(False, "Keep the source folder structure under the output folders.")
     input_width: Optional[int] = param(None, "Fixed input width; null keeps aspect ratio.", minimum=32, maximum=8192)
     input_height: Optional[int] = param(None, "Fixed input height; null keeps aspect ratio.", minimum=32, maximum=8192)

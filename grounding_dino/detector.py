@@ -39,6 +39,7 @@ Prompt = Union[str, Sequence[str]]
 OPTIONS: Dict[str, str] = {
     "threshold": "inference.conf_threshold",
     "num_select": "model.num_select",
+    "one_label_per_box": "inference.one_label_per_box",
     "batch_size": "inference.batch_size",
     "text_encoder_type": "model.text_encoder_type",
     "max_text_len": "model.max_text_len",
@@ -131,6 +132,7 @@ class Detector:
         self.cfg = cfg
         self.threshold = options.conf_threshold
         self.num_select = cfg.model.num_select
+        self.one_label_per_box = getattr(options, "one_label_per_box", False)
         self.batch_size = options.batch_size if options.batch_size > 0 else cfg.dataset.batch_size
         self.input_size = predictor.image_size(options.input_width, options.input_height, section)
         self.transforms = build_transforms(cfg.dataset.augmentation, False, self.input_size)
@@ -188,7 +190,7 @@ class Detector:
         (prompt_phrases) per image."""
         threshold = self.threshold if threshold is None else threshold
         detections = self.predictor.detect(images, pixel_mask, orig_sizes, [self.chunks(p) for p in prompts],
-                                           self.num_select)
+                                           self.num_select, self.one_label_per_box)
         results = []
         for names, found, (height, width) in zip(prompts, detections, orig_sizes.tolist()):
             keep = found["scores"] >= threshold

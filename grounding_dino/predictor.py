@@ -153,10 +153,13 @@ class Predictor(ABC):
         """images [B,3,H,W] normalised; pixel_mask [B,H,W] True on padding (or None); text from self.tokenizer."""
 
     def detect(self, images: Tensor, pixel_mask: Optional[Tensor], orig_sizes: Tensor,
-               chunks: Union[Sequence[PromptChunk], Sequence[Sequence[PromptChunk]]], num_select: int) -> Detections:
+               chunks: Union[Sequence[PromptChunk], Sequence[Sequence[PromptChunk]]], num_select: int,
+               one_label_per_box: bool = False) -> Detections:
         """Per image {scores, labels (global phrase index), boxes xyxy in original pixels}, best first.
 
         chunks: one prompt (split_prompt's chunks) for every image, or a list with one prompt per image.
+        one_label_per_box: each query keeps its best phrase only (per caption chunk: a prompt split into several
+        captions runs each through the model, and each pass labels its own boxes).
 
         An image's detections do not depend on the rest of the batch: padding changes what the backbone's
         convolutions see near the image's edge, so the batch runs as groups of images of one size, cropped out of
@@ -176,7 +179,7 @@ class Predictor(ABC):
                 text = self.tokenizer([c.caption for c in mine], pad_to_max=self.pad_text)
                 logits, boxes = self.predict(images[index, :, :height, :width], None, text)
                 found = post_process(logits, boxes, [c.positive_map for c in mine], orig_sizes[index],
-                                     num_select=num_select)
+                                     num_select=num_select, one_label_per_query=one_label_per_box)
                 for i, chunk, detection in zip(members, mine, found):
                     detection["labels"] = detection["labels"] + chunk.offset
                     parts[i].append(detection)

@@ -100,6 +100,23 @@ def test_evaluate_scores_an_image_the_same_at_any_batch_size(tiny, tmp_path):
     assert np.abs(np.array([d["bbox"] for d in alone]) - [d["bbox"] for d in batched]).max() <= 1e-3
 
 
+def test_one_label_per_box_keeps_each_boxs_best_phrase_of_the_same_detections(tiny):
+    prompt = ["red circle", "blue square", "green triangle"]
+    every = Detector.load(tiny["checkpoint"], **OPTIONS).predict(tiny["images"][1], prompt)
+    one = Detector.load(tiny["checkpoint"], one_label_per_box=True, **OPTIONS).predict(tiny["images"][1], prompt)
+    boxes = [tuple(np.round(b, 3)) for b in every.boxes]
+    assert len(set(boxes)) < len(boxes)  # the default gives some box several phrases
+    best: dict = {}
+    for box, score, phrase in zip(boxes, every.scores, every.phrases):
+        if box not in best or score > best[box][0]:
+            best[box] = (score, phrase)
+    one_boxes = [tuple(np.round(b, 3)) for b in one.boxes]
+    assert len(set(one_boxes)) == len(one_boxes) == len(one) <= OPTIONS["num_select"]
+    for box, score, phrase in zip(one_boxes, one.scores, one.phrases):
+        if box in best:  # every box the default kept carries its best phrase here too
+            assert (phrase, score) == (best[box][1], pytest.approx(best[box][0], abs=1e-6))
+
+
 def test_paths_pil_images_and_arrays_give_one_result(tiny, tmp_path):
     detector = Detector.load(tiny["checkpoint"], **OPTIONS)
     path = tiny["images"][0]

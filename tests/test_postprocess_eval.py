@@ -42,6 +42,25 @@ def test_scores_labels_and_pixel_boxes():
     assert result["boxes"][0].tolist() == pytest.approx([80.0, 30.0, 120.0, 70.0], abs=1e-4)
 
 
+def test_one_label_per_query_keeps_each_boxs_best_phrase():
+    logits = torch.full((1, 3, L), -6.0)
+    logits[0, 0, 0:2] = 2.0   # query 0: phrase 0 strongly ...
+    logits[0, 0, 2:4] = 0.5   # ... and phrase 1 as well (a blue hexagon also read as "orange hexagon")
+    logits[0, 1, 2:4] = 1.0   # query 1: phrase 1
+    boxes = torch.tensor([[[0.3, 0.3, 0.1, 0.1], [0.7, 0.7, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1]]])
+    maps, size = _maps((0, 2), (2, 4)), torch.tensor([[100, 100]])
+    (every,) = post_process(logits, boxes, maps, size, num_select=3)
+    (one,) = post_process(logits, boxes, maps, size, num_select=3, one_label_per_query=True)
+    assert every["labels"].tolist() == [0, 1, 1] and every["boxes"][0].tolist() == every["boxes"][2].tolist()
+    assert one["labels"].tolist() == [0, 1, 0]  # query 2 fires on nothing: its (equal) best is the first
+    assert one["scores"].tolist() == pytest.approx([torch.sigmoid(torch.tensor(2.0)).item(),
+                                                    torch.sigmoid(torch.tensor(1.0)).item(),
+                                                    torch.sigmoid(torch.tensor(-6.0)).item()])
+    assert len({tuple(b) for b in one["boxes"].tolist()}) == 3  # no box twice
+    (clamped,) = post_process(logits, boxes, maps, size, num_select=300, one_label_per_query=True)
+    assert len(clamped["scores"]) == 3  # at most one detection per query
+
+
 def test_boxes_are_clipped_to_the_image():
     logits = torch.zeros(1, 1, L)
     boxes = torch.tensor([[[0.95, 0.05, 0.3, 0.3]]])  # spills over the right and top edges

@@ -2,7 +2,8 @@
 
 A phrase's score is the mean sigmoid over its tokens (token probabilities times the row-normalised positive map).
 The top `num_select` (query, phrase) pairs over the whole image are kept (ties in index order), so one query may
-yield several labels; there is no NMS, as in the official and TAO code.
+yield several labels; there is no NMS, as in the official and TAO code. With `one_label_per_query` each query keeps
+only its best phrase first (as the official repo's image demo does), so a box carries one label.
 """
 from __future__ import annotations
 
@@ -42,13 +43,15 @@ def post_process(
     positive_maps: PositiveMaps,
     orig_sizes: Tensor,
     num_select: int = 300,
+    one_label_per_query: bool = False,
 ) -> List[Dict[str, Tensor]]:
     """Per image, the top detections as {`scores` [K], `labels` [K] (phrase index), `boxes` [K, 4] xyxy pixels}.
 
     pred_logits [B, Q, L] (-inf on padding), pred_boxes [B, Q, 4] normalised cxcywh,
     positive_maps [C, L] for the batch, or [B, C, L] / a list of [C_i, L] per image,
     orig_sizes [B, 2] as (height, width) of the original images.
-    K = min(num_select, Q * C), so a short prompt never asks top-k for more entries than exist.
+    K = min(num_select, Q * C) (Q with one_label_per_query), so a short prompt never asks top-k for more entries
+    than exist.
     """
     if num_select < 1:
         raise ValueError(f"num_select must be >= 1, got {num_select}")
@@ -64,9 +67,15 @@ def post_process(
             raise ValueError("positive map has no phrases: the prompt must name at least one phrase")
         scores = logits.float().sigmoid() @ normalize_rows(positive_map.to(logits.device).float()).T
         num_classes = scores.shape[-1]
-        top_scores, top_index = top_k(scores.flatten(), num_select)
-        query = torch.div(top_index, num_classes, rounding_mode="floor")
+        if one_label_per_query:
+            best, label = scores.max(dim=-1)
+            top_scores, query = top_k(best, num_select)
+            labels = label[query]
+        else:
+            top_scores, top_index = top_k(scores.flatten(), num_select)
+            query = torch.div(top_index, num_classes, rounding_mode="floor")
+            labels = top_index % num_classes
         scale = torch.stack([width, height, width, height])
         xyxy = torch.minimum(box_convert(boxes.float()[query], "cxcywh", "xyxy").clamp(min=0) * scale, scale)
-        results.append({"scores": top_scores, "labels": top_index % num_classes, "boxes": xyxy})
+        results.append({"scores": top_scores, "labels": labels, "boxes": xyxy})
     return results
