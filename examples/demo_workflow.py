@@ -32,7 +32,7 @@ PARAMS = {
     "base_model": "grounding_dino/assets/base_model.pth",
     "max_trials": 2,
     "num_epochs": 1,
-    "captions": ["orange hexagon", "orange circle", "purple square", "red hexagon", "blue triangle"],
+    "captions": ["orange hexagon", "orange circle", "blue hexagon", "purple square", "red hexagon"],
 }
 # Log lines worth echoing while a job runs: the SDK's and AutoML's tagged lines, and evaluation metrics.
 PROGRESS = re.compile(r"^(\[(skillbank|automl)\]|\s*mAP(50)?: )")
@@ -178,7 +178,7 @@ def run(bank, params):
                 "workers": 0,
                 "augmentation": {"test_random_resize": 256, "random_resize_max_size": 320},
             },
-            "inference": {"conf_threshold": 0.3, "precision": "auto"},
+            "inference": {"conf_threshold": 0.2, "one_label_per_box": True, "precision": "auto"},
         },
     )
     jobs["export"] = submit(bank, params, "export",
