@@ -1,11 +1,12 @@
 """Open-vocabulary fine-tuning: does fine-tuning compose the words it taught, and does it forget what the base knew?
 
 The base model (grounding_dino/assets/base_model.pth, vocabulary in its card) is fine-tuned on a synthetic set with
-a colour it never saw (purple) beside words it knows, once with today's recipe (the demo's train step,
-examples/demo_workflow.yaml, at its AutoML trial-0 values, no AutoML) and once with the new levers (a replay source
-of the base's own data mixed in with `sampling_weight`, `hard_negatives` with a smaller `max_labels`, optionally
-`train.freeze`). The base model and both fine-tuned checkpoints are scored by the evaluate action on one test set
-(COCO, every name below), and per-category AP50 (per_class.json) is averaged per group:
+a colour it never saw (purple) beside words it knows: with today's recipe (the demo's train step,
+examples/demo_workflow.yaml, at its AutoML trial-0 values, no AutoML) for its one epoch ("old") and for as many steps
+as the new recipe ("old_long"), and with the new levers ("new": a replay source of the base's own data mixed in with
+`sampling_weight`, `hard_negatives` with a smaller `max_labels`, optionally `train.freeze`). The base model and the
+fine-tuned checkpoints are scored by the evaluate action on one test set (COCO, every name below), and
+per-category AP50 (per_class.json) is averaged per group:
 
 - unseen pair, new word: both words were fine-tuned, never together ("purple circle"; purple is new);
 - unseen pair, base words: both words known to the base and fine-tuned, the pair never trained ("orange hexagon",
@@ -15,12 +16,12 @@ of the base's own data mixed in with `sampling_weight`, `hard_negatives` with a 
 
 The test set shows the unseen pairs TEST_WEIGHT times as often as the other names so their AP50 rests on enough
 objects. Data is cached under --out (regenerated when its settings change). Prints AP50 per group and per name for
-base / old recipe / new recipe, and each fine-tune's steps and seconds; writes the same into OUT/results.json.
-About 7 minutes on a 2-core CPU at the defaults, most of it the new recipe's 600 steps.
+base / old / old_long / new, and each fine-tune's steps and seconds; writes the same into OUT/results.json.
+About 12 minutes on a 2-core CPU at the defaults, most of it the two 600-step fine-tunings.
 
     .venv/bin/python benchmarks/open_vocab.py [--num-train 240] [--epochs 1] [--num-test 160] [--num-replay 1200]
         [--replay-weight 0.3] [--max-labels 8] [--no-hard-negatives] [--freeze PREFIX,...] [--new-epochs 2]
-        [--recipes base,old,new] [--out /tmp/open_vocab] [--seed 0] [--threads 1]
+        [--recipes base,old,old_long,new] [--out /tmp/open_vocab] [--seed 0] [--threads 1]
 """
 from __future__ import annotations
 
@@ -179,6 +180,14 @@ def new_recipe(data: Dict[str, Any], results_dir: Path, epochs: int, replay_weig
     return spec
 
 
+def same_steps_epochs(args: argparse.Namespace) -> int:
+    """Epochs of today's recipe (fine-tuning images only) that take as many steps as the new recipe, whose epochs
+    also draw round(replay_weight x num_replay) replay images."""
+    new_epochs = args.new_epochs or args.epochs
+    replayed = round(args.replay_weight * args.num_replay) if args.replay_weight > 0 else 0
+    return max(1, round(new_epochs * (args.num_train + replayed) / args.num_train))
+
+
 def eval_spec(model_section: Dict[str, Any], data: Dict[str, Any], checkpoint: str,
               results_dir: Path) -> Dict[str, Any]:
     """The demo's evaluate step on the test set."""
@@ -301,7 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--new-lr-backbone", type=float,
                         help="train.optim.lr_backbone (image backbone and text encoder) of the new recipe "
                              "(default the old one's)")
-    parser.add_argument("--recipes", default="base,old,new", help="which to run (default %(default)s)")
+    parser.add_argument("--recipes", default="base,old,old_long,new",
+                        help="which to run (default %(default)s; old_long: today's recipe for as many steps as the "
+                             "new one, so the levers are not credited with what more steps did)")
     parser.add_argument("--out", default="/tmp/open_vocab", help="data and runs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
@@ -309,9 +320,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "process shared the 2 cores)")
     args = parser.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = set(recipes) - {"base", "old", "new"}
+    unknown = set(recipes) - {"base", "old", "old_long", "new"}
     if unknown or not recipes:
-        parser.error(f"--recipes: choose from base, old, new (got {args.recipes})")
+        parser.error(f"--recipes: choose from base, old, old_long, new (got {args.recipes})")
 
     import torch
 
@@ -322,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     freeze = [p.strip() for p in args.freeze.split(",") if p.strip()]
     specs = {
         "old": old_recipe(data, out / "old", args.epochs),
+        "old_long": old_recipe(data, out / "old_long", same_steps_epochs(args)),
         "new": new_recipe(data, out / "new", args.new_epochs or args.epochs, args.replay_weight,
                           args.hard_negatives, args.max_labels, freeze, args.new_lr, args.new_lr_backbone),
     }
@@ -357,7 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"new recipe: replay weight {args.replay_weight} x {args.num_replay} images, hard_negatives "
           f"{args.hard_negatives}, max_labels {args.max_labels or 'spec'}, freeze {freeze or 'none'}, "
           f"lr {optim['lr']:g} / lr_backbone {optim['lr_backbone']:g}, {args.new_epochs or args.epochs} epoch(s); "
-          f"old recipe: {args.epochs} epoch(s) of {args.num_train} images")
+          f"old recipe: {args.epochs} epoch(s) of {args.num_train} images, old_long: {same_steps_epochs(args)}")
     print_table(results, objects)
     if {"base", "new"} <= set(results):
         print(acceptance(results["base"]["groups"], results["new"]["groups"]))
