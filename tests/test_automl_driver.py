@@ -429,8 +429,7 @@ def test_real_training_driver_killed_in_trial_2_resumes_and_leaves_no_orphan(tin
     assert _pids_running(marker)
     first.send_signal(signal.SIGKILL)
     first.wait()
-    deadline = time.monotonic() + 30
-    while _pids_running(marker) and time.monotonic() < deadline:
+    while _pids_running(marker):  # an orphan that never ends is caught by pytest-timeout (pyproject)
         time.sleep(0.2)
     assert not _pids_running(marker), "the trial's training outlived the killed driver"
     kept = _study(results, "k").trials[0]

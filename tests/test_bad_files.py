@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -171,7 +170,8 @@ def test_label_given_twice_is_named(tmp_path):
 # bounded loading
 
 
-def test_deep_json_is_refused_within_a_second(tmp_path):
+@pytest.mark.timeout(60)  # parsing 100,000 levels by recursion would crash or crawl: it must stop at the limit
+def test_deep_json_is_refused_before_parsing_it_deep(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + ', "annotations": [], "categories": []}')
     nested = tmp_path / "nested.json"
@@ -180,10 +180,8 @@ def test_deep_json_is_refused_within_a_second(tmp_path):
     lines.write_text(json.dumps(ODVG_LINE) + "\n" + "[" * 5000 + "]" * 5000 + "\n")
     for read, path, where in ((read_coco, deep, ""), (read_coco, nested, ""), (lambda p: list(read_odvg(p)), lines,
                                                                               " line 2")):
-        start = time.perf_counter()
         with pytest.raises(FormatError) as caught:
             read(path)
-        assert time.perf_counter() - start < 1.0
         assert str(caught.value) == f"{path}{where}: refused: values nest deeper than the limit of {MAX_JSON_DEPTH} " \
                                     "levels (a COCO file nests 5, an ODVG record 5)"
 

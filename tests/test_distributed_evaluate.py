@@ -195,16 +195,15 @@ def _rank_and_pid(cfg, rank, world, extra):
     (_rank_one_raises, "UserError", r"^rank one cannot read its image$"),
     (_rank_one_dies, "RuntimeError", r"^evaluate process 1 of 3 ended with exit code 3 without a result"),
 ])
+@pytest.mark.timeout(100)  # the other ranks sleep 120 s: a launcher that waits for them hangs past this
 def test_a_failing_worker_stops_the_others(tiny_train_spec, cpu_only, tmp_path, target, error, message):
     from grounding_dino.actions.sharding import run_sharded
     from grounding_dino.config import load_experiment
 
     cfg = load_experiment(dict(tiny_spec(tiny_train_spec, tmp_path), evaluate={"num_gpus": 3}))
-    start = time.monotonic()
     with pytest.raises(Exception, match=message) as raised:
         run_sharded(target, cfg, "evaluate", 3)
     assert type(raised.value).__name__ == error
-    assert time.monotonic() - start < 60, "the launcher waited for the sleeping ranks"
     assert multiprocessing.active_children() == [], "worker processes outlived the failure"
 
 

@@ -44,10 +44,9 @@ BIN = Path(sys.executable).parent
 TIMEOUT = 300  # generous: the machine's cores are shared
 
 
-def _wait_for(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(predicate) -> None:
+    """Poll until `predicate` holds; a condition that never comes is caught by pytest-timeout (pyproject)."""
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
         time.sleep(0.05)
 
 
@@ -110,10 +109,10 @@ def _assert_no_processes(*pids_and_starts, groups=()) -> None:
     """None of the (pid, start time) pairs runs, and no process of the groups is left (zombies do not count)."""
     for pid, start in pids_and_starts:
         if pid:
-            _wait_for(lambda: not process_alive(pid, start), 30, f"pid {pid} to end")
+            _wait_for(lambda: not process_alive(pid, start))
     for group in groups:
         if group:
-            _wait_for(lambda: not group_alive(group), 30, f"process group {group} to end")
+            _wait_for(lambda: not group_alive(group))
 
 
 def _assert_job_settled(job_dir: Path) -> dict:
@@ -126,8 +125,7 @@ def _assert_job_settled(job_dir: Path) -> dict:
 
 
 def _worker_started(bank: SkillBank, job_id: str) -> dict:
-    _wait_for(lambda: bank.status(job_id).status == "running" and read_job(bank.jobs_dir / job_id).get("worker_pid"),
-              60, "the worker to start")
+    _wait_for(lambda: bank.status(job_id).status == "running" and read_job(bank.jobs_dir / job_id).get("worker_pid"))
     return read_job(bank.jobs_dir / job_id)
 
 
@@ -157,7 +155,7 @@ def test_kill_9_supervisor_mid_training(workspace, tiny_train_spec, one_thread):
     job = bank.create_job("train", spec=_job_spec(tiny_train_spec, **{"train.num_epochs": 50}), automl_policy="off")
     record = _worker_started(bank, job.id)
     results = job.path / "results" / "train"
-    _wait_for(lambda: _checkpoints(results), what="the first checkpoint")
+    _wait_for(lambda: _checkpoints(results))
     os.kill(record["pid"], signal.SIGKILL)
     # the worker dies with its supervisor (PR_SET_PDEATHSIG): nothing trains on unowned
     _assert_no_processes((record["worker_pid"], record["worker_pid_start"]), groups=(record["worker_pid"],))
@@ -189,7 +187,7 @@ def test_sigterm_preempts_cli_training_then_resume_continues(tiny_train_spec, tm
     spec = _write_spec(tiny_train_spec, tmp_path, **{"train.num_epochs": 50})
     results = tmp_path / "results" / "train"
     process = _train(spec)
-    _wait_for(lambda: any(r["status"] == "RUNNING" for r in _status_lines(results)), what="the first epoch")
+    _wait_for(lambda: any(r["status"] == "RUNNING" for r in _status_lines(results)))
     before = _checkpoints(results)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=TIMEOUT) == 0, (tmp_path / "log.txt").read_text()[-3000:]
@@ -226,7 +224,7 @@ def test_sigusr1_preempts_a_job_then_job_start_resumes(workspace, tiny_train_spe
     job = bank.create_job("train", spec=_job_spec(tiny_train_spec, **{"train.num_epochs": 50}), automl_policy="off")
     record = _worker_started(bank, job.id)
     results = job.path / "results" / "train"
-    _wait_for(lambda: _checkpoints(results), what="the first checkpoint")
+    _wait_for(lambda: _checkpoints(results))
     os.kill(record["pid"], signal.SIGUSR1)  # SLURM's warning, sent to the job's supervisor
     done = bank.wait(job.id, timeout=TIMEOUT)
     assert done.status == "preempted" and done.error is None and done.record["exit_code"] == 0, bank.logs(job.id)
@@ -239,7 +237,7 @@ def test_sigusr1_preempts_a_job_then_job_start_resumes(workspace, tiny_train_spe
     assert f"resume_training_checkpoint_path: {last['checkpoint']}" in (job.path / "spec.yaml").read_text()
     # the next epoch's line shows the run going on from the saved step, not from the start
     _wait_for(lambda: [r for r in _status_lines(results) if r["status"] == "RUNNING"
-                       and r["epoch"] == last["epoch"] and r["step"] > last["step"]], what="the resumed epoch")
+                       and r["epoch"] == last["epoch"] and r["step"] > last["step"]])
     restarted = [r for r in _status_lines(results) if r["status"] == "STARTED"][-1]
     assert restarted["epoch"] == last["epoch"]
     assert bank.cancel(job.id, grace_s=60).status == "canceled"
@@ -363,8 +361,7 @@ def test_second_cli_run_on_one_results_folder_is_refused(tiny_train_spec, tmp_pa
     results = tmp_path / "results" / "train"
     first = _train(spec)
     lock = results / RESULTS_LOCK
-    _wait_for(lambda: (results / "experiment.yaml").is_file() and lock.is_file() and lock.read_text().strip(),
-              what="the first run to hold the folder")
+    _wait_for(lambda: (results / "experiment.yaml").is_file() and lock.is_file() and lock.read_text().strip())
     holder = int(lock.read_text())
     kept = [results / "experiment.yaml", lock]  # the first run writes them once, at its start
     before = [(p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in kept]

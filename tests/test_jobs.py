@@ -16,13 +16,11 @@ from sdk.errors import SkillBankError
 from sdk.jobs import SkillBank, read_job
 
 
-def _wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
+def _wait_for(predicate) -> bool:
+    """Poll until `predicate` holds; a condition that never comes is caught by pytest-timeout (pyproject)."""
+    while not predicate():
         time.sleep(0.05)
-    return False
+    return True
 
 
 def _children(pid: int) -> list[int]:

@@ -75,10 +75,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_train_spec, tmp_p
     victim = _train(broken)
 
     results = tmp_path / "broken" / "results" / "train"
-    deadline = time.monotonic() + 600
     while len(_checkpoints(results)) < 2:
         assert victim.poll() is None, "the run ended before its second checkpoint"
-        assert time.monotonic() < deadline, "no second checkpoint after 10 minutes"
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed"
     os.killpg(victim.pid, signal.SIGKILL)

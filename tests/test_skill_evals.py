@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -257,11 +256,9 @@ def _without_before():
 
 @pytest.mark.parametrize("skill,task_id", _without_before())
 def test_do_nothing_agent_fails(skill, task_id, tmp_path):
-    start = time.time()
     result = ev.run_task(skill, _task(skill, task_id), tmp_path, agent=DO_NOTHING, log=lambda _: None)
     assert not result["passed"] and "error" not in result, result
     assert any(not a["passed"] for a in result["assertions"])
-    assert time.time() - start < 60
 
 
 def test_agent_gets_the_filled_prompt_and_the_workspace(tmp_path):
