@@ -71,26 +71,10 @@ SEED_CODE = {"finetune": 11, "val": 12, "test": 13}
 # data
 
 
-def _write_images(folder: Path, prefix: str, rngs, names: Sequence[str]) -> List[dict]:
-    from grounding_dino.data.synthetic import render
-
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, rng in enumerate(rngs):
-        image, objects = render(rng, names, IMAGE_SIZE, MAX_OBJECTS)
-        file_name = f"{prefix}_{i:06d}.jpg"
-        image.save(folder / "images" / file_name, quality=92)
-        records.append({"file_name": file_name, "image_id": i, "height": IMAGE_SIZE, "width": IMAGE_SIZE,
-                        "objects": objects})
-    return records
-
-
 def make_data(root: Path, num_train: int, num_replay: int, num_test: int, seed: int) -> Dict[str, Any]:
     """Fine-tuning (ODVG), replay (ODVG, the base's own training images), val and test (COCO) under `root`, unless
     the same settings were written there before; returns the paths."""
-    import numpy as np
-
-    from grounding_dino.data.synthetic import vocabulary, write_coco, write_odvg, write_split
+    from grounding_dino.data.synthetic import vocabulary, write_coco, write_images, write_odvg, write_split
 
     base = read_card()["data"]
     settings = {"num_train": num_train, "num_replay": num_replay, "num_test": num_test, "seed": seed,
@@ -106,20 +90,17 @@ def make_data(root: Path, num_train: int, num_replay: int, num_test: int, seed: 
         missing = [n for n in GROUPS["base-only pair"] if n not in base_names]
         if missing:
             raise ValueError(f"base-only pairs {missing} are not in the base model's training vocabulary")
-        rng = lambda code, i: np.random.default_rng([seed, code, i])  # noqa: E731
-        write_odvg(paths["finetune"], _write_images(paths["finetune"], "ft", (rng(SEED_CODE["finetune"], i)
-                                                                              for i in range(num_train)), finetune),
-                   finetune)
+        def images(split: str, prefix: str, count: int, names: Sequence[str]) -> List[dict]:
+            return write_images(paths[split], prefix, count, names, IMAGE_SIZE, MAX_OBJECTS, (seed, SEED_CODE[split]))
+
+        write_odvg(paths["finetune"], images("finetune", "ft", num_train, finetune), finetune)
         # The base's recipe draws its training images from the card's seed: these are its first num_replay ones.
         write_odvg(paths["replay"], write_split(paths["replay"], "train", num_replay, base_names, base["image_size"],
                                                 base["max_objects"], base["seed"]), base_names)
-        write_coco(paths["val"], _write_images(paths["val"], "val", (rng(SEED_CODE["val"], i)
-                                                                     for i in range(NUM_VAL)), finetune), finetune)
+        write_coco(paths["val"], images("val", "val", NUM_VAL, finetune), finetune)
         everything = [n for names in GROUPS.values() for n in names]
         weighted = everything + [n for n in UNSEEN for _ in range(TEST_WEIGHT - 1)]
-        write_coco(paths["test"], _write_images(paths["test"], "test", (rng(SEED_CODE["test"], i)
-                                                                        for i in range(num_test)), weighted),
-                   everything)
+        write_coco(paths["test"], images("test", "test", num_test, weighted), everything)
         manifest.write_text(json.dumps(settings, indent=1) + "\n")
         print(f"[open_vocab] data written to {root} ({time.time() - started:.0f} s): {num_train} fine-tuning "
               f"images over {len(finetune)} names, {num_replay} replay images over {len(base_names)} base names, "

@@ -52,18 +52,9 @@ REPLAY_IMAGES = 160  # images in the base model's vocabulary, mixed into fine-tu
 def _write_weighted(folder: Path, prefix: str, code: int, count: int, names: Sequence[str],
                     vocabulary: Sequence[str]) -> None:
     """`count` images drawing from `names` (repeats make a name more frequent) as COCO over `vocabulary`."""
-    import numpy as np
+    from grounding_dino.data.synthetic import write_coco, write_images
 
-    from grounding_dino.data.synthetic import render, write_coco
-
-    (folder / "images").mkdir(parents=True)
-    records = []
-    for i in range(count):
-        image, objects = render(np.random.default_rng([SEED, code, i]), names, IMAGE_SIZE, MAX_OBJECTS)
-        image.save(folder / "images" / f"{prefix}_{i:06d}.jpg", quality=92)
-        records.append({"file_name": f"{prefix}_{i:06d}.jpg", "image_id": i, "height": IMAGE_SIZE,
-                        "width": IMAGE_SIZE, "objects": objects})
-    write_coco(folder, records, vocabulary)
+    write_coco(folder, write_images(folder, prefix, count, names, IMAGE_SIZE, MAX_OBJECTS, (SEED, code)), vocabulary)
 
 
 def make_data(root: Path, num_train: int, num_val: int, num_infer: int, prompts: Sequence[str] = (),

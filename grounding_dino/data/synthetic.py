@@ -91,12 +91,18 @@ def write_split(
     folder: Path, split: str, count: int, names: Sequence[str], size: int, max_objects: int, seed: int
 ) -> List[dict]:
     """Render `count` images into folder/images and return their records (file_name, size, objects)."""
+    return write_images(folder, split, count, names, size, max_objects, (seed, SPLIT_CODE[split]))
+
+
+def write_images(folder: Path, prefix: str, count: int, names: Sequence[str], size: int, max_objects: int,
+                 seed_key: Sequence[int]) -> List[dict]:
+    """Render `count` images (<prefix>_<i>.jpg, image i drawn from the generator seeded [*seed_key, i]) into
+    folder/images and return their records; a name repeated in `names` is drawn that much more often."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(count):
-        rng = np.random.default_rng([seed, SPLIT_CODE[split], i])
-        image, objects = render(rng, names, size, max_objects)
-        file_name = f"{split}_{i:06d}.jpg"
+        image, objects = render(np.random.default_rng([*seed_key, i]), names, size, max_objects)
+        file_name = f"{prefix}_{i:06d}.jpg"
         image.save(folder / "images" / file_name, format="JPEG", quality=JPEG_QUALITY)
         records.append({"file_name": file_name, "image_id": i, "height": size, "width": size, "objects": objects})
     return records
