@@ -37,6 +37,7 @@ from grounding_dino.config import (ACTION_SECTIONS, ACTIONS, ExperimentConfig, l
 from grounding_dino.errors import UserError
 from grounding_dino.layout import (EXPERIMENT_FILE, RESULTS_LOCK, STATUS_FILE, LockHeld, replace_atomically,
                                    results_dir_for, take_lock)
+from grounding_dino.memory import retain_freed_memory
 from grounding_dino.status import Report, StatusWriter, reported
 
 from . import precheck
@@ -136,6 +137,7 @@ def run_action(action: str, spec: Union[Mapping[str, Any], ExperimentConfig], **
     `options` go to the action function (train takes extra Lightning `callbacks`, e.g. an AutoML pruner).
     """
     cfg = spec if isinstance(spec, ExperimentConfig) else load_experiment(dict(spec))
+    retain_freed_memory()
     function = get_action(action)
     warn_no_effect(action, cfg)
     if REGISTRY[action].precheck is not None:
