@@ -82,7 +82,7 @@ def _train(tiny_train_spec, results_dir, value):
         "dataset.augmentation.horizontal_flip_prob": 0.0,
         "dataset.augmentation.train_random_crop_min": 128,
         "train.num_epochs": EPOCHS, "train.validation_interval": EPOCHS, "train.checkpoint_interval": EPOCHS,
-        "train.optim.lr": 1e-3, "train.optim.lr_backbone": 1e-3, "train.optim.lr_steps": [EPOCHS],
+        "train.optim.lr": 1e-3, "train.optim.lr_backbone": 1e-3, "train.optim.lr_steps": [LR_DROP],
         "train.precision": value,
     })
     run_action("train", load_experiment(spec))
@@ -94,15 +94,17 @@ def _train(tiny_train_spec, results_dir, value):
     return losses, final_map, started["precision"]
 
 
-EPOCHS = 60
+EPOCHS = 100
+LR_DROP = 80
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 units")
 def test_bf16_training_on_cpu_learns_like_fp32(tiny_train_spec, tmp_path):
-    """The same 120 steps (8 images, batch 4) in fp32 and in bf16-mixed on CPU: both losses fall by the same share,
-    and the val mAP50 at the end is within 0.03. At 80 steps neither run had converged, and one CI run saw their
-    mAP50s on these 8 images differ by 0.044."""
+    """The same 200 steps (8 images, batch 4, lr divided by 10 for the last 40) in fp32 and in bf16-mixed on CPU:
+    both losses fall by the same share, and the val mAP50 at the end is within 0.03. The runs must converge, or the
+    result depends on the CPU: one box moves mAP50 on these 8 images by about 0.07, and after 120 steps at a constant
+    lr fp32 scored 1.000 on an Intel Xeon and 0.933 on an AMD EPYC (bf16 1.000 on both)."""
     torch.set_num_threads(2)
     fp32, map_fp32, ran_fp32 = _train(tiny_train_spec, tmp_path / "fp32", "fp32")
     bf16, map_bf16, ran_bf16 = _train(tiny_train_spec, tmp_path / "bf16", "bf16")
