@@ -4,14 +4,18 @@ peak of the dtype it computes in:
 
     train fp32 / bf16     forward with targets, loss, backward (the frozen text encoder, as training has it);
                           bf16 is torch.autocast("cpu", bfloat16), what train.precision bf16 runs (bf16-mixed)
-    eager fp32 / bf16     inference (forward_export under inference_mode); bf16 as evaluate.precision bf16 runs it
+    eager fp32 / bf16     inference (forward_export under inference_mode) on the caption's own tokens, as the
+                          inference and evaluate actions tokenize it; bf16 as their precision bf16 runs it
     ort fp32 / int8       the export action's graph on ONNX Runtime, and that graph quantized by the quantize
-                          action's static INT8 path (QDQ), as benchmarks/infer_latency.py builds them
+                          action's static INT8 path (QDQ), as benchmarks/infer_latency.py builds them; their text
+                          is padded to model.max_text_len (the ONNX contract), so they have more FLOPs
 
 Peaks: torch.mm fp32 and bf16, torch._int_mm int8, ONNX Runtime MatMul fp32 and MatMulInteger int8, on square
 matrices (--peak-size); on a GPU also tf32 and fp16. Bandwidth: a large tensor copy (bytes read + written). The
 ONNX graphs and the bf16 paths are counted with the fp32 FLOPs (the same arithmetic). The paths run alternately in
-one process, so machine noise hits all alike. Then a per-op profile of the two slowest paths, grouped into
+one process, so machine noise hits all alike. The process keeps freed memory as run_action does
+(grounding_dino.memory; GROUNDING_DINO_MALLOC=default for glibc's defaults), and the table prints the page faults
+of each run. Then a per-op profile of the two slowest paths, grouped into
 GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
 
     .venv/bin/python benchmarks/roofline.py [--config small|swin-t] [--size 960x544] [--batch 1] [--runs 5]
@@ -23,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -205,6 +210,15 @@ def train_step(model, criterion, batch, bf16: bool):
     return step
 
 
+def own_tokens(sample: dict) -> dict:
+    """The contract inputs with the text cut to the longest caption's tokens: what the tokenizer gives the
+    inference action (padding="longest"), where the export pads every caption to model.max_text_len."""
+    length = int(sample["attention_mask"].sum(1).max())
+    cut = {name: value[:, :length] for name, value in sample.items() if name != "inputs"}
+    cut["text_token_mask"] = sample["text_token_mask"][:, :length, :length]
+    return {"inputs": sample["inputs"], **cut}
+
+
 def eager(model, sample: dict, bf16: bool):
     def run():
         with torch.inference_mode(), autocast(bf16):
@@ -296,12 +310,14 @@ def torch_profile(model, run) -> dict:
 def ort_profile(path: Path, feed: dict, threads: int) -> dict:
     """({group: ms}, {op type: ms}) of one run under ONNX Runtime's profiler (text encoder: nodes under /bert/)."""
     profiled = session(path, threads, str(path.with_suffix("")))
-    profiled.run(None, feed)
+    for _ in range(3):  # the first runs also grow ORT's memory arena: profile the third
+        profiled.run(None, feed)
     events = json.loads(Path(profiled.end_profiling()).read_text())
+    warm = max(event["ts"] for event in events if event["name"] == "model_run")
     groups: dict = defaultdict(float)
     ops: dict = defaultdict(float)
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= warm:
             inside = {"text"} if "/bert/" in event["name"] else set()
             groups[group_of(event["args"]["op_name"], inside)] += event["dur"] / 1000
             ops[event["args"]["op_name"]] += event["dur"] / 1000
@@ -328,7 +344,10 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     from grounding_dino.actions.export import sample_inputs
+    from grounding_dino.memory import retain_freed_memory
     from grounding_dino.precision import cpu_bf16_units
+
+    malloc = retain_freed_memory()
 
     peaks = {f"torch {k}": v for k, v in torch_peaks(args.peak_size, "cpu").items()}
     if not args.skip_ort:
@@ -337,7 +356,7 @@ def main(argv=None) -> dict:
         peaks.update({f"cuda {k}": v for k, v in torch_peaks(args.peak_size * 2, "cuda").items()})
     memory = bandwidth("cpu")
     print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"bf16 units {', '.join(cpu_bf16_units()) or 'none'}")
+          f"bf16 units {', '.join(cpu_bf16_units()) or 'none'}; {malloc}")
     print(f"peaks ({args.peak_size}^3 GEMM): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
           + f" GFLOP/s; memory bandwidth (copy) {memory:.1f} GB/s", flush=True)
 
@@ -350,7 +369,8 @@ def main(argv=None) -> dict:
                 "train bf16": train_step(model, criterion, batch, True)}
         inference = copy.deepcopy(model).eval()
         sample = sample_inputs(inference, cfg, width, height, args.batch, seed=100)
-        runs["eager fp32"], runs["eager bf16"] = eager(inference, sample, False), eager(inference, sample, True)
+        prompt = own_tokens(sample)
+        runs["eager fp32"], runs["eager bf16"] = eager(inference, prompt, False), eager(inference, prompt, True)
         # A bf16 path is counted in fp32: autocast changes the types, not the arithmetic (its casts have no FLOPs),
         # and under a dispatch mode autocast meets some composite ops (einsum) half cast.
         flops = {name: count_flops(runs[name.replace("bf16", "fp32")]).total for name in runs}
@@ -358,39 +378,47 @@ def main(argv=None) -> dict:
                  "eager bf16": "torch bf16"}
         files = {}
         if not args.skip_ort:
+            padded_flops = count_flops(eager(inference, sample, False)).total
             files = onnx_files(inference, cfg, tmp / "onnx", width, height, args.batch)
             feed = {k: v.numpy() for k, v in sample.items()}
             for name, path in files.items():
                 ort = session(path, args.threads)
                 own = [i.name for i in ort.get_inputs()]
                 runs[name] = (lambda s, f: lambda: s.run(None, f))(ort, {k: feed[k] for k in own})
-                flops[name] = flops["eager fp32"]
+                flops[name] = padded_flops
                 # The QDQ graph runs fused QLinearConv / MatMulIntegerToFloat kernels, faster than the plain
                 # MatMulInteger the ORT int8 peak times, so int8 is held to the machine's int8 peak.
                 dtype[name] = "ort fp32" if name == "ort fp32" else "torch int8"
         times: dict = {name: [] for name in runs}
+        faults: dict = {name: [] for name in runs}
         for name, run in runs.items():
             run()  # warm-up
         for _ in range(args.runs):
             for name, run in runs.items():
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         medians = {name: statistics.median(values) for name, values in times.items()}
 
+        tokens = prompt["attention_mask"].shape[1]
         print(f"\n{args.config} config; training {args.train_batch} x {args.train_size} px, inference "
-              f"{args.batch} x {width}x{height}; {args.threads} threads, median of {args.runs} runs")
-        print(f"  {'path':<12} {'ms':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'peak':>12} {'of peak':>8} {'/ fp32':>7}")
+              f"{args.batch} x {width}x{height}, text {tokens} tokens (eager) and {sample['input_ids'].shape[1]} "
+              f"(ONNX); {args.threads} threads, median of {args.runs} runs")
+        print(f"  {'path':<12} {'ms':>9} {'GFLOP':>8} {'GFLOP/s':>8} {'peak':>12} {'of peak':>8} {'/ fp32':>7} "
+              f"{'faults':>8}")
         table = {}
         for name in runs:
             rate = flops[name] / medians[name] / 1e9
             share = rate / peaks[dtype[name]]
             base = name.replace("bf16", "fp32").replace("int8", "fp32")
             table[name] = {"ms": medians[name] * 1000, "gflop": flops[name] / 1e9, "gflops": rate,
-                           "peak": dtype[name], "of_peak": share, "vs_fp32": medians[name] / medians[base]}
+                           "peak": dtype[name], "of_peak": share, "vs_fp32": medians[name] / medians[base],
+                           "faults": statistics.median(faults[name])}
             row = table[name]
             print(f"  {name:<12} {row['ms']:9.1f} {row['gflop']:8.2f} {rate:8.1f} {dtype[name]:>12} "
-                  f"{share:8.1%} {row['vs_fp32']:7.2f}")
+                  f"{share:8.1%} {row['vs_fp32']:7.2f} {row['faults']:8.0f}")
 
         slowest = sorted(runs, key=lambda n: -medians[n])[:2]
         for name in slowest:

@@ -38,8 +38,24 @@ def test_roofline_runs_end_to_end_at_a_tiny_size(capsys):
     result = roofline.main(["--size", "96x96", "--train-size", "96", "--train-batch", "1", "--runs", "1",
                             "--peak-size", "64", "--skip-ort"])
     assert set(result["paths"]) == {"train fp32", "train bf16", "eager fp32", "eager bf16"}
-    assert all(row["gflop"] > 0 and row["ms"] > 0 for row in result["paths"].values())
+    assert all(row["gflop"] > 0 and row["ms"] > 0 and row["faults"] >= 0 for row in result["paths"].values())
     assert {"torch fp32", "torch bf16", "torch int8"} <= set(result["peaks"])
     profiled = [row["profile"] for row in result["paths"].values() if "profile" in row]
     assert len(profiled) == 2 and all(set(groups) <= set(roofline.GROUPS) for groups in profiled)
     assert "where" in capsys.readouterr().out
+
+
+def test_eager_paths_get_the_tokens_the_inference_action_gives():
+    """own_tokens cuts the export's padded text to what the tokenizer gives inference (padding="longest")."""
+    from grounding_dino.model.text import CaptionTokenizer, resolve_text_encoder
+
+    tokenizer = CaptionTokenizer(resolve_text_encoder("minilm"), 256)
+    captions = ["red circle . blue square .", "green triangle ."]
+    padded = tokenizer(captions, pad_to_max=True)
+    sample = {"inputs": torch.zeros(2, 3, 8, 8), **padded}
+    cut = roofline.own_tokens(sample)
+    longest = tokenizer(captions)
+    assert cut["inputs"] is sample["inputs"]
+    assert set(cut) == {"inputs", *longest}
+    for name, value in longest.items():
+        assert torch.equal(cut[name], value), name
