@@ -134,6 +134,10 @@ def test_fusion_computes_the_official_bi_attention(heads, text_len):
     mask_l[0, -3:] = True
     ours = attn(v, l, mask_v, mask_l)
     official = _official_bi_attention(attn, v, l, mask_v, mask_l)
+    # Padded text tokens' own updates differ (ours read the image evenly, fusion.py says why) and nothing reads
+    # them: compared, and given gradient, on the real tokens only.
+    real = ~mask_l[..., None]
+    ours, official = (ours[0], ours[1] * real), (official[0], official[1] * real)
     upstream = [torch.randn_like(x) for x in ours]
     for a, b in zip(ours, official):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
