@@ -3,10 +3,11 @@
 PyTorch on CPU allocates each op's output with the C library's malloc. glibc serves blocks above its mmap
 threshold (at most 32 MiB) with a fresh mmap and unmaps them on free, and gives the top of its heap back once more
 than 128 KiB is free there. A Grounding DINO forward makes and frees hundreds of such tensors (a [10845 x 512] FFN
-activation is 22 MB), so every run touches fresh pages and pays a page fault per 4 KiB: 139,000 faults per eager
-fp32 inference at 960x544 on the small benchmark model, and a third of its time (measured by
-benchmarks/roofline.py, which prints the faults per run). With mmap off for malloc and a high trim threshold,
-freed blocks are reused and a warm run takes no faults at all.
+activation is 22 MB), so every run touches fresh pages and pays a page fault per 4 KiB. On a 2-core AMD EPYC,
+eager fp32 inference at 960x544 of the small benchmark model (text padded to 256 tokens) took 139,000 faults per
+run. With mmap off for malloc and a high trim threshold, freed blocks are reused and a warm run takes none:
+818 -> 596 ms for that inference, 545 -> 383 ms in bf16, 880 -> 697 ms for a training step (benchmarks/roofline.py
+prints the faults per run).
 
 The cost is that the process keeps its peak heap until it exits (the live set does not grow). That suits the
 processes that run actions: `run_action` calls `retain_freed_memory()` for every action. A library user who
