@@ -438,11 +438,19 @@ class SkillBank:
         return sorted(jobs, key=lambda j: j.record.get("created_at") or "")
 
     def wait(self, job_id: str, timeout: Optional[float] = None, poll_s: float = 0.2) -> Job:
-        """Block until the job is done, error, canceled or preempted (or `timeout` seconds pass); returns its record."""
+        """Block until the job is done, error, canceled or preempted and its supervisor has exited (or `timeout`
+        seconds pass); returns its record. The supervisor writes the final status a moment before it exits and
+        releases the job's lock; returning before that would make a `start` straight after `wait` fail as
+        "already running"."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.status(job_id)
-            if job.status in FINAL or (deadline is not None and time.monotonic() >= deadline):
+            expired = deadline is not None and time.monotonic() >= deadline
+            if job.status in FINAL:
+                pid = job.record.get("pid")
+                if expired or not pid or not self._running(job_id, pid, job.record):
+                    return job
+            elif expired:
                 return job
             time.sleep(poll_s)
 

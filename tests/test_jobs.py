@@ -13,7 +13,7 @@ import pytest
 
 from runner.cli import main as cli
 from sdk.errors import SkillBankError
-from sdk.jobs import SkillBank, read_job
+from sdk.jobs import SkillBank, process_alive, read_job
 
 
 def _wait_for(predicate) -> bool:
@@ -154,7 +154,10 @@ def test_restart_resumes_from_the_jobs_own_checkpoint(workspace, tiny_data, monk
     saved = val.read_bytes()
     val.unlink()
     bank.start(job.id)
-    assert bank.wait(job.id, timeout=60).status == "error"
+    ended = bank.wait(job.id, timeout=60)
+    assert ended.status == "error"
+    # wait returns once the supervisor has exited too, so the restart below is never refused as "already running"
+    assert not process_alive(ended.record["pid"], ended.record.get("pid_start"))
     # The data is back and the first run left a checkpoint: a restart resumes from it.
     val.write_bytes(saved)
     folder = job.path / "results" / "train"
