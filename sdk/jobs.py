@@ -445,12 +445,9 @@ class SkillBank:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.status(job_id)
-            expired = deadline is not None and time.monotonic() >= deadline
-            if job.status in FINAL:
-                pid = job.record.get("pid")
-                if expired or not pid or not self._running(job_id, pid, job.record):
-                    return job
-            elif expired:
+            pid = job.record.get("pid")
+            ended = job.status in FINAL and not (pid and self._running(job_id, pid, job.record))
+            if ended or (deadline is not None and time.monotonic() >= deadline):
                 return job
             time.sleep(poll_s)
 
