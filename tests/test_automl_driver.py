@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from runner.automl import run_automl
-from runner.automl.study import OWNER_ATTR, open_storage, redact, storage_url
+from runner.automl.study import OWNER_ATTR, open_storage, open_study, redact, storage_url
 from runner.automl.worker import main as worker_main
 from sdk.errors import SpecError
 
@@ -117,6 +117,16 @@ def test_the_first_trial_runs_the_spec_values_unless_turned_off(tmp_path, capsys
     spec = _spec(tmp_path / "off", max_trials=1, spec_values_first=False)
     spec["train"]["optim"] = {"lr": 3e-4, "weight_decay": 2e-4}
     assert run_automl(spec, run_trial=cheap_trial).trials[0].params["train.optim.lr"] != 3e-4
+
+
+def test_only_the_worker_that_creates_the_study_queues_the_baseline(tmp_path):
+    # workers started together all find an empty study; had each queued the spec's values, the baseline would run
+    # once per worker (a CI run saw two completed trials with the same parameters)
+    storage = open_storage(storage_url(None, tmp_path))
+    baseline = {"train.optim.lr": 3e-4}
+    for _ in range(3):
+        study = open_study(storage, "s", "tpe", 0, 2, first_point=baseline)
+    assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [baseline]
 
 
 def test_failed_trials_count_and_the_last_error_is_reported(tmp_path):

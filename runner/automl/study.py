@@ -132,23 +132,29 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: int) -> optuna.Study:
+def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: int,
+               first_point: Optional[Dict[str, Any]] = None) -> optuna.Study:
     """Create the study, or load it when it exists (a restart or another worker): finished trials are kept.
 
-    Only the process that creates the study samples from `seed`. One that joins it (another worker, or a restart)
-    samples with fresh randomness: started from the same seed, it would draw the points the study already tried
-    (every worker of a shared study would run the same trials).
+    Only the process that creates the study samples from `seed` and queues `first_point` (the spec's own values).
+    One that joins it (another worker, or a restart) samples with fresh randomness: started from the same seed, it
+    would draw the points the study already tried. Were joiners to queue `first_point` when they find no trial,
+    workers started together would each queue it (Optuna's skip_if_exists is check-then-insert, not atomic) and the
+    baseline would run twice.
     """
     if algorithm not in ALGORITHMS:
         raise SpecError.single("automl.algorithm", algorithm, f"allowed: {', '.join(ALGORITHMS)}")
     sampler, pruner = ALGORITHMS[algorithm](seed, epochs)
     try:
         # creating is atomic in the storage (a unique study name), so of workers started together exactly one wins
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                   direction="maximize")
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         sampler, pruner = ALGORITHMS[algorithm](None, epochs)
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    if first_point:
+        study.enqueue_trial(first_point)
+    return study
 
 
 # ----------------------------------------------------------------------------------------------------------------
