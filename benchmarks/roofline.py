@@ -11,12 +11,13 @@ peak of the dtype it computes in:
                           is padded to model.max_text_len (the ONNX contract), so they have more FLOPs
 
 Peaks: torch.mm fp32 and bf16, torch._int_mm int8, ONNX Runtime MatMul fp32 and MatMulInteger int8, on square
-matrices (--peak-size); on a GPU also tf32 and fp16. Bandwidth: a large tensor copy (bytes read + written). The
-ONNX graphs and the bf16 paths are counted with the fp32 FLOPs (the same arithmetic). The paths run alternately in
-one process, so machine noise hits all alike. The process keeps freed memory as run_action does
-(grounding_dino.memory; GROUNDING_DINO_MALLOC=default for glibc's defaults), and the table prints the page faults
-of each run. Then a per-op profile of the two slowest paths and of INT8, grouped into
-GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
+matrices (--peak-size); on a GPU also tf32 and fp16. Beside them, a 3x3 convolution's fp32 and bf16 rates: the
+models' FLOPs are mostly convolutions, so their ratio bounds how much faster a bf16 path can be than fp32.
+Bandwidth: a large tensor copy (bytes read + written). The ONNX graphs and the bf16 paths are counted with the fp32
+FLOPs (the same arithmetic). The paths run alternately in one process, so machine noise hits all alike. The process
+keeps freed memory as run_action does (grounding_dino.memory; GROUNDING_DINO_MALLOC=default for glibc's defaults),
+and the table prints the page faults of each run. Then a per-op profile of the two slowest paths and of INT8,
+grouped into GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
 
     .venv/bin/python benchmarks/roofline.py [--config small|swin-t] [--size 960x544] [--batch 1] [--runs 5]
         [--train-size 256] [--train-batch 4] [--threads 2] [--peak-size 2048] [--skip-ort]
@@ -88,15 +89,17 @@ def count_flops(run) -> FlopCount:
 # the machine
 
 
-def timed(run, repeats: int) -> float:
-    """Median seconds of `run` after one warm-up call."""
+def fastest(run, repeats: int) -> float:
+    """Fewest seconds of `repeats` calls of `run` after one warm-up call: a peak is the best rate the machine
+    reaches, and on a shared host a median of a few calls can land in another tenant's burst (one run measured
+    ONNX Runtime's fp32 MatMul at 76 GFLOP/s, against 183 in the run before)."""
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def torch_peaks(n: int, device: str) -> dict:
@@ -108,15 +111,36 @@ def torch_peaks(n: int, device: str) -> dict:
         dtypes["fp16"] = torch.float16
     for name, dtype in dtypes.items():
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        peaks[name] = 2 * n ** 3 / timed(lambda: (torch.mm(a, b), sync()), 3) / 1e9
+        peaks[name] = 2 * n ** 3 / fastest(lambda: (torch.mm(a, b), sync()), 5) / 1e9
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        peaks["tf32"] = 2 * n ** 3 / timed(lambda: (torch.mm(a, b), sync()), 3) / 1e9
+        peaks["tf32"] = 2 * n ** 3 / fastest(lambda: (torch.mm(a, b), sync()), 5) / 1e9
         torch.backends.cuda.matmul.allow_tf32 = False
     a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
     b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
-    peaks["int8"] = 2 * n ** 3 / timed(lambda: (torch._int_mm(a, b), sync()), 3) / 1e9
+    peaks["int8"] = 2 * n ** 3 / fastest(lambda: (torch._int_mm(a, b), sync()), 5) / 1e9
+    return peaks
+
+
+def conv_peaks(channels: int, device: str) -> dict:
+    """{dtype: GFLOP/s} of a 3x3 convolution, channels x channels on a channels-last 68 x 120 map (a ResNet stage
+    at 960x544), in torch: most of the models' FLOPs are convolutions, and oneDNN's convolutions reach a higher
+    fp32 rate than torch.mm does, so the GEMM peaks alone would overstate what bf16 can gain over fp32."""
+    peaks = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device == "cuda":
+        dtypes["fp16"] = torch.float16
+    height, width = 68, 120
+    flops = 2 * channels * channels * 9 * height * width
+    for name, dtype in dtypes.items():
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False, device=device, dtype=dtype)
+        conv = conv.to(memory_format=torch.channels_last)
+        maps = torch.randn(1, channels, height, width, device=device, dtype=dtype)
+        maps = maps.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            peaks[name] = flops / fastest(lambda: (conv(maps), sync()), 5) / 1e9
     return peaks
 
 
@@ -137,7 +161,7 @@ def ort_peaks(n: int, threads: int) -> dict:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         ort = session(model.SerializeToString(), threads)
-        peaks[name] = 2 * n ** 3 / timed(lambda: ort.run(None, {"a": array, "b": array}), 3) / 1e9
+        peaks[name] = 2 * n ** 3 / fastest(lambda: ort.run(None, {"a": array, "b": array}), 5) / 1e9
     return peaks
 
 
@@ -146,7 +170,7 @@ def bandwidth(device: str) -> float:
     source = torch.empty(64 * 2 ** 20, dtype=torch.float32, device=device).fill_(1.0)
     target = torch.empty_like(source)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    seconds = timed(lambda: (target.copy_(source), sync()), 5)
+    seconds = fastest(lambda: (target.copy_(source), sync()), 5)
     return 2 * source.numel() * 4 / seconds / 1e9
 
 
@@ -350,15 +374,22 @@ def main(argv=None) -> dict:
     malloc = retain_freed_memory()
 
     peaks = {f"torch {k}": v for k, v in torch_peaks(args.peak_size, "cpu").items()}
+    convs = {f"torch conv {k}": v for k, v in conv_peaks(max(8, min(256, args.peak_size // 8)), "cpu").items()}
     if not args.skip_ort:
         peaks.update({f"ort {k}": v for k, v in ort_peaks(args.peak_size, args.threads).items()})
     if device == "cuda":
         peaks.update({f"cuda {k}": v for k, v in torch_peaks(args.peak_size * 2, "cuda").items()})
     memory = bandwidth("cpu")
+    # The least time a bf16 path can take against fp32 where all of it is GEMMs or convolutions at their peaks.
+    bounds = {"GEMM": peaks["torch fp32"] / peaks["torch bf16"],
+              "conv": convs["torch conv fp32"] / convs["torch conv bf16"]}
     print(f"machine: {torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"bf16 units {', '.join(cpu_bf16_units()) or 'none'}; {malloc}")
     print(f"peaks ({args.peak_size}^3 GEMM): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
-          + f" GFLOP/s; memory bandwidth (copy) {memory:.1f} GB/s", flush=True)
+          + f" GFLOP/s; memory bandwidth (copy) {memory:.1f} GB/s")
+    print("conv peaks (3x3, channels-last): " + ", ".join(f"{k} {v:.0f}" for k, v in convs.items())
+          + " GFLOP/s; the least bf16 / fp32 time these peaks allow: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in bounds.items()), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -437,7 +468,7 @@ def main(argv=None) -> dict:
             top = sorted(ops.items(), key=lambda item: -item[1])[:6]
             print("  top ops: " + ", ".join(f"{op} {ms / whole:.0%}" for op, ms in top))
             table[name]["profile"] = groups
-    return {"peaks": peaks, "bandwidth": memory, "paths": table}
+    return {"peaks": peaks, "conv_peaks": convs, "bf16_bounds": bounds, "bandwidth": memory, "paths": table}
 
 
 if __name__ == "__main__":

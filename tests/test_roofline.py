@@ -40,6 +40,8 @@ def test_roofline_runs_end_to_end_at_a_tiny_size(capsys):
     assert set(result["paths"]) == {"train fp32", "train bf16", "eager fp32", "eager bf16"}
     assert all(row["gflop"] > 0 and row["ms"] > 0 and row["faults"] >= 0 for row in result["paths"].values())
     assert {"torch fp32", "torch bf16", "torch int8"} <= set(result["peaks"])
+    assert set(result["conv_peaks"]) == {"torch conv fp32", "torch conv bf16"}
+    assert set(result["bf16_bounds"]) == {"GEMM", "conv"} and all(v > 0 for v in result["bf16_bounds"].values())
     profiled = [row["profile"] for row in result["paths"].values() if "profile" in row]
     assert len(profiled) == 2 and all(set(groups) <= set(roofline.GROUPS) for groups in profiled)
     assert "where" in capsys.readouterr().out
