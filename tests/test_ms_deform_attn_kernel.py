@@ -1,7 +1,10 @@
 """The compiled CPU deformable-attention kernel against the plain PyTorch path: same outputs, same gradients."""
 from __future__ import annotations
 
+import os
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +124,20 @@ def test_kernel_gradients_do_not_depend_on_the_thread_count(kernel):
         torch.set_num_threads(threads)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_every_process_of_one_install_builds_with_the_same_ninja(monkeypatch):
+    """Whether or not the venv is activated, the build runs the ninja installed with this Python: two ninjas
+    sharing one build folder rebuilt the kernel each time the other one had built it."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    if shutil.which("ninja", path=str(scripts)) is None:
+        pytest.skip("no ninja installed with this Python")
+    names = set()
+    for path in (os.pathsep.join(["/usr/bin", "/bin"]), os.pathsep.join([str(scripts), "/usr/bin", "/bin"])):
+        monkeypatch.setenv("PATH", path)
+        search = ms_deform_attn_cpu.build_search_path()
+        assert search.split(os.pathsep)[0] == str(scripts)
+        names.add(ms_deform_attn_cpu.extension_name("avx2", shutil.which("ninja", path=search)))
+    assert len(names) == 1
+    # a different ninja gets a folder of its own instead of a rebuild in the shared one
+    assert ms_deform_attn_cpu.extension_name("avx2", "/opt/another/bin/ninja") not in names

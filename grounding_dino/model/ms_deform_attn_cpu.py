@@ -12,6 +12,9 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
+import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -38,13 +41,40 @@ def vector_flags() -> Tuple[str, List[str]]:
     return "baseline", []
 
 
-def extension_name(isa: str) -> str:
+def extension_name(isa: str, ninja: str = "") -> str:
     """The build's name, and so its folder in the extensions cache: one per instruction set and per install (this
-    source file, the torch it compiles against, the compiler). Installs sharing one folder (the checkout's venv and a
-    venv the wheel went into) rebuilt each other's build every time either loaded it, as ninja saw another command
-    line: 20-30 s per process."""
-    install = f"{SOURCE}|{Path(torch.__file__).parent}|{os.environ.get('CXX', '')}"
+    source file, the torch it compiles against, the compiler, the ninja that builds it). Installs sharing one folder
+    (the checkout's venv and a venv the wheel went into) rebuilt each other's build every time either loaded it, as
+    ninja saw another command line: 20-30 s per process. Two ninja versions sharing one folder do the same, as each
+    reads the other's build log as stale."""
+    install = f"{SOURCE}|{Path(torch.__file__).parent}|{os.environ.get('CXX', '')}|{ninja}"
     return f"gdino_ms_deform_attn_cpu_{isa}_{hashlib.sha1(install.encode()).hexdigest()[:8]}"
+
+
+def build_search_path() -> str:
+    """PATH for the build, with the folder of this Python's scripts first where ninja is installed there (pip's
+    ninja is one of our dependencies). torch runs whichever `ninja` PATH finds, so without this a process started
+    as .venv/bin/grounding_dino (venv not activated) built with the system's ninja and one in the activated venv
+    with pip's: each rebuilt the kernel the other had built (30-40 s, seven times in one run of the test suite),
+    and a machine without a system ninja got no kernel at all."""
+    scripts, path = sysconfig.get_path("scripts"), os.environ.get("PATH", "")
+    if shutil.which("ninja", path=scripts):
+        return os.pathsep.join([scripts, path]) if path else scripts
+    return path
+
+
+@contextmanager
+def _search_path(path: str):
+    """os.environ["PATH"] set to `path` for the duration (torch's build reads it from there)."""
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,8 +88,10 @@ def kernel() -> Optional[object]:
         isa, flags = vector_flags()
         log.info("loading the compiled CPU deformable-attention kernel (%s; built once per machine, ~30 s the first "
                  "time)", isa)
-        return load(extension_name(isa), [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        path = build_search_path()
+        with _search_path(path):
+            return load(extension_name(isa, shutil.which("ninja", path=path) or ""), [str(SOURCE)],
+                        extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: all mean "use the plain path"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("compiled CPU deformable attention unavailable (%s); using the plain PyTorch path", reason)
