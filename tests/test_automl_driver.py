@@ -125,7 +125,7 @@ def test_only_the_worker_that_creates_the_study_queues_the_baseline(tmp_path):
     storage = open_storage(storage_url(None, tmp_path))
     baseline = {"train.optim.lr": 3e-4}
     for _ in range(3):
-        study = open_study(storage, "s", "tpe", 0, 2, first_point=baseline)
+        study, _ = open_study(storage, "s", "tpe", 0, 2, first_point=baseline)
     assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == [baseline]
 
 

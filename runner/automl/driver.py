@@ -70,14 +70,12 @@ def run_automl(
     # Our own lines (one per trial, one per epoch) replace Optuna's per-trial INFO log.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     baseline = space.spec_point(spec) if settings["spec_values_first"] else None
-    study = open_study(backend, name, settings["algorithm"], seed, spec["train"]["num_epochs"], baseline)
+    study, created = open_study(backend, name, settings["algorithm"], seed, spec["train"]["num_epochs"], baseline)
     _log(f"study {name!r} in {redact(url)}: {settings['algorithm']}, "
          f"maximise {metric}, {max_trials} trials; searching {', '.join(space.keys)}")
     for key, reason in space.excluded:
         _log(f"not searched: {key}: {reason}")
-    if baseline and any(t.state == TrialState.WAITING and "failed_trial" not in t.system_attrs
-                        and t.system_attrs.get("fixed_params") == baseline
-                        for t in study.get_trials(deepcopy=False)):
+    if baseline and created:
         _log("the first trial runs the spec's own values (the baseline): "
              + ", ".join(f"{k}={_fmt(get_path(spec, k))}" for k in baseline))
 

@@ -133,8 +133,9 @@ def _importable(name: str) -> bool:
 
 
 def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: int,
-               first_point: Optional[Dict[str, Any]] = None) -> optuna.Study:
-    """Create the study, or load it when it exists (a restart or another worker): finished trials are kept.
+               first_point: Optional[Dict[str, Any]] = None) -> Tuple[optuna.Study, bool]:
+    """(the study, whether this process created it): created, or loaded when it exists (a restart or another
+    worker), finished trials kept.
 
     Only the process that creates the study samples from `seed` and queues `first_point` (the spec's own values).
     One that joins it (another worker, or a restart) samples with fresh randomness: started from the same seed, it
@@ -151,10 +152,10 @@ def open_study(storage, name: str, algorithm: str, seed: Optional[int], epochs: 
                                     direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         sampler, pruner = ALGORITHMS[algorithm](None, epochs)
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
     if first_point:
         study.enqueue_trial(first_point)
-    return study
+    return study, True
 
 
 # ----------------------------------------------------------------------------------------------------------------

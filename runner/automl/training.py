@@ -106,8 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings, train = spec["automl"], spec["train"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(settings["storage"])
-    study = open_study(storage, settings["study_name"], settings["algorithm"], settings["seed"],
-                       train["num_epochs"])
+    study, _ = open_study(storage, settings["study_name"], settings["algorithm"], settings["seed"],
+                          train["num_epochs"])
     study_id = storage.get_study_id_from_name(settings["study_name"])
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, args.trial)
     trial = optuna.trial.Trial(study, trial_id)
