@@ -135,9 +135,9 @@ def test_every_process_of_one_install_builds_with_the_same_ninja(monkeypatch):
     names = set()
     for path in (os.pathsep.join(["/usr/bin", "/bin"]), os.pathsep.join([str(scripts), "/usr/bin", "/bin"])):
         monkeypatch.setenv("PATH", path)
-        search = ms_deform_attn_cpu.build_search_path()
+        search, ninja = ms_deform_attn_cpu.build_tools()
         assert search.split(os.pathsep)[0] == str(scripts)
-        names.add(ms_deform_attn_cpu.extension_name("avx2", shutil.which("ninja", path=search)))
+        names.add(ms_deform_attn_cpu.extension_name("avx2", ninja))
     assert len(names) == 1
     # a different ninja gets a folder of its own instead of a rebuild in the shared one
     assert ms_deform_attn_cpu.extension_name("avx2", "/opt/another/bin/ninja") not in names

@@ -51,16 +51,17 @@ def extension_name(isa: str, ninja: str = "") -> str:
     return f"gdino_ms_deform_attn_cpu_{isa}_{hashlib.sha1(install.encode()).hexdigest()[:8]}"
 
 
-def build_search_path() -> str:
-    """PATH for the build, with the folder of this Python's scripts first where ninja is installed there (pip's
-    ninja is one of our dependencies). torch runs whichever `ninja` PATH finds, so without this a process started
-    as .venv/bin/grounding_dino (venv not activated) built with the system's ninja and one in the activated venv
-    with pip's: each rebuilt the kernel the other had built (30-40 s, seven times in one run of the test suite),
-    and a machine without a system ninja got no kernel at all."""
+def build_tools() -> Tuple[str, str]:
+    """(PATH for the build, the ninja it finds): this Python's scripts folder first where ninja is installed there
+    (pip's ninja is one of our dependencies). torch runs whichever `ninja` PATH finds, so without this a process
+    started as .venv/bin/grounding_dino (venv not activated) built with the system's ninja and one in the activated
+    venv with pip's: each rebuilt the kernel the other had built (30-40 s, seven times in one run of the test
+    suite), and a machine without a system ninja got no kernel at all."""
     scripts, path = sysconfig.get_path("scripts"), os.environ.get("PATH", "")
-    if shutil.which("ninja", path=scripts):
-        return os.pathsep.join([scripts, path]) if path else scripts
-    return path
+    ninja = shutil.which("ninja", path=scripts)
+    if ninja:
+        return (os.pathsep.join([scripts, path]) if path else scripts), ninja
+    return path, shutil.which("ninja", path=path) or ""
 
 
 @contextmanager
@@ -88,10 +89,10 @@ def kernel() -> Optional[object]:
         isa, flags = vector_flags()
         log.info("loading the compiled CPU deformable-attention kernel (%s; built once per machine, ~30 s the first "
                  "time)", isa)
-        path = build_search_path()
+        path, ninja = build_tools()
         with _search_path(path):
-            return load(extension_name(isa, shutil.which("ninja", path=path) or ""), [str(SOURCE)],
-                        extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+            return load(extension_name(isa, ninja), [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: all mean "use the plain path"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("compiled CPU deformable attention unavailable (%s); using the plain PyTorch path", reason)
