@@ -102,14 +102,24 @@ def fastest(run, repeats: int) -> float:
     return min(times)
 
 
-def torch_peaks(n: int, device: str) -> dict:
-    """{dtype: GFLOP/s (GOP/s for int8)} of an n x n x n matrix product in torch."""
-    peaks = {}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def synchronizer(device: str):
+    """What makes a timed call wait for the device's queued work (nothing on CPU)."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def float_dtypes(device: str) -> dict:
+    """The float dtypes whose peaks are measured: fp32 and bf16, and fp16 on a GPU."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if device == "cuda":
         dtypes["fp16"] = torch.float16
-    for name, dtype in dtypes.items():
+    return dtypes
+
+
+def torch_peaks(n: int, device: str) -> dict:
+    """{dtype: GFLOP/s (GOP/s for int8)} of an n x n x n matrix product in torch."""
+    peaks = {}
+    sync = synchronizer(device)
+    for name, dtype in float_dtypes(device).items():
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         peaks[name] = 2 * n ** 3 / fastest(lambda: (torch.mm(a, b), sync()), 5) / 1e9
     if device == "cuda":
@@ -128,13 +138,10 @@ def conv_peaks(channels: int, device: str) -> dict:
     at 960x544), in torch: most of the models' FLOPs are convolutions, and oneDNN's convolutions reach a higher
     fp32 rate than torch.mm does, so the GEMM peaks alone would overstate what bf16 can gain over fp32."""
     peaks = {}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if device == "cuda":
-        dtypes["fp16"] = torch.float16
+    sync = synchronizer(device)
     height, width = 68, 120
     flops = 2 * channels * channels * 9 * height * width
-    for name, dtype in dtypes.items():
+    for name, dtype in float_dtypes(device).items():
         conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False, device=device, dtype=dtype)
         conv = conv.to(memory_format=torch.channels_last)
         maps = torch.randn(1, channels, height, width, device=device, dtype=dtype)
@@ -169,7 +176,7 @@ def bandwidth(device: str) -> float:
     """GB/s of a 256 MiB tensor copy, counting the bytes read and written."""
     source = torch.empty(64 * 2 ** 20, dtype=torch.float32, device=device).fill_(1.0)
     target = torch.empty_like(source)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     seconds = fastest(lambda: (target.copy_(source), sync()), 5)
     return 2 * source.numel() * 4 / seconds / 1e9
 
