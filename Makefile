@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: on CI's two cores, two (tests/conftest.py gives each its share of the cores)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install schemas evals clean
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/skillbank demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --durations=30
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist worksteal --durations=30
 
 schemas: $(STAMP)
 	$(BIN)/skillbank schemas generate

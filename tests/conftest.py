@@ -1,10 +1,21 @@
-"""Shared fixtures: an offline environment, a workspace, and a tiny on-disk dataset (ODVG + COCO)."""
+"""Shared fixtures: an offline environment, a workspace, and a tiny on-disk dataset (ODVG + COCO).
+
+`make test` runs the suite on pytest-xdist workers; each worker's share of the cores is THREADS. Two workers each
+running torch on both cores would oversubscribe them, and OpenMP's spinning barriers then make a training several
+times slower (a 57 s run took 8 minutes), so a worker's torch, and every process it starts, uses THREADS threads.
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Set before the test modules import torch; the processes the tests start inherit it.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec
+from conftest import THREADS, tiny_spec
 
 from grounding_dino.status import read_status
 from sdk.spec import set_path
@@ -49,7 +49,7 @@ def trained(tiny_train_spec, tmp_path_factory) -> dict:
 
     from grounding_dino.actions import run_action
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     out = tmp_path_factory.mktemp("trained")
     spec = make_spec(tiny_train_spec, out, **{"train.num_epochs": 1})
     assert run_action("train", config(spec)) == 0

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_spec
+from conftest import THREADS, tiny_spec
 from grounding_dino import precision
 from grounding_dino.config import load_experiment
 from grounding_dino.status import read_status
@@ -64,7 +64,7 @@ def test_bf16_evaluate_scores_the_base_model_like_fp32(tmp_path):
     """The shipped base model (it detects: val mAP50 about 0.9) on 8 images of its synthetic val set."""
     from runner import base_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     paths = base_model.generate_data(tmp_path / "data", num_train=1, num_val=8)
     fp32, ran_fp32 = _evaluate(paths, tmp_path / "fp32", "fp32")
     bf16, ran_auto = _evaluate(paths, tmp_path / "auto", "auto")
@@ -105,7 +105,7 @@ def test_bf16_training_on_cpu_learns_like_fp32(tiny_train_spec, tmp_path):
     both losses fall by the same share, and the val mAP50 at the end is within 0.03. The runs must converge, or the
     result depends on the CPU: one box moves mAP50 on these 8 images by about 0.07, and after 120 steps at a constant
     lr fp32 scored 1.000 on an Intel Xeon and 0.933 on an AMD EPYC (bf16 1.000 on both)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     fp32, map_fp32, ran_fp32 = _train(tiny_train_spec, tmp_path / "fp32", "fp32")
     bf16, map_bf16, ran_bf16 = _train(tiny_train_spec, tmp_path / "bf16", "bf16")
     print(f"loss fp32 {fp32[0]:.3f} -> {fp32[-1]:.3f}, bf16 {bf16[0]:.3f} -> {bf16[-1]:.3f}; "

@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import tiny_spec
+from conftest import THREADS, tiny_spec
 
 from grounding_dino import actions
 from grounding_dino.status import StatusWriter, read_status
@@ -213,7 +213,7 @@ def two_epochs(tiny_train_spec, tmp_path_factory):
 
     from grounding_dino.actions import run_action
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     out = tmp_path_factory.mktemp("two_epochs")
     spec = tiny_spec(tiny_train_spec, out, encryption_key="secret-key")
     assert run_action("train", _config(spec)) == 0
@@ -435,7 +435,7 @@ def test_it_can_fit_eight_images(tiny_train_spec, tmp_path):
 
     from grounding_dino.actions import run_action
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     val = tiny_train_spec["dataset"]["val_data_sources"]
     spec = tiny_spec(tiny_train_spec, tmp_path, **{
         "dataset.train_data_sources": [dict(val)],

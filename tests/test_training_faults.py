@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import tiny_spec
+from conftest import THREADS, tiny_spec
 
 from grounding_dino.status import read_status
 
@@ -194,7 +194,7 @@ def test_a_nonfinite_loss_stops_training_with_the_step_the_terms_and_a_fix(tiny_
                 with torch.no_grad():
                     pl_module.model.transformer.tgt_embed.weight.fill_(math.inf)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     spec = tiny_spec(tiny_train_spec, tmp_path)
     with pytest.raises(NonFiniteLoss) as caught:
         run_action("train", _config(spec), callbacks=[Diverge()])
@@ -219,7 +219,7 @@ def skipping_run(tiny_train_spec, tmp_path_factory):
     from grounding_dino.lightning_module import GroundingDINOModule
     from grounding_dino.model.text import build_bert, write_small_text_encoder
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     root = tmp_path_factory.mktemp("skipping")
     encoder = write_small_text_encoder(root / "bert", hidden_size=64)
     build_bert(encoder).save_pretrained(encoder)
