@@ -17,7 +17,9 @@ Bandwidth: a large tensor copy (bytes read + written). The ONNX graphs and the b
 FLOPs (the same arithmetic). The paths run alternately in one process, so machine noise hits all alike. The process
 keeps freed memory as run_action does (grounding_dino.memory; GROUNDING_DINO_MALLOC=default for glibc's defaults),
 and the table prints the page faults of each run. Then a per-op profile of the two slowest paths and of INT8,
-grouped into GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler).
+grouped into GEMM/conv, deformable attention, text encoder and the rest (torch.profiler; ONNX Runtime's profiler),
+and the bf16 floor of the training step and of eager inference: their fp32 profiles with every GEMM and convolution
+at the bf16 / fp32 ratio of the peaks and the rest unchanged.
 
     .venv/bin/python benchmarks/roofline.py [--config small|swin-t] [--size 960x544] [--batch 1] [--runs 5]
         [--train-size 256] [--train-batch 4] [--threads 2] [--peak-size 2048] [--skip-ort]
@@ -338,6 +340,27 @@ def torch_profile(model, run) -> dict:
     return dict(groups), dict(ops)
 
 
+def arithmetic_kind(op: str) -> str:
+    """"conv", "GEMM" or "rest": which peak bounds a profiled op (forward and backward alike)."""
+    low = op.lower()
+    if "conv" in low:
+        return "conv"
+    if any(key in low for key in ("mm", "linear", "matmul", "gemm")):
+        return "GEMM"
+    return "rest"
+
+
+def bf16_floor(fp32_ops: dict, bounds: dict) -> float:
+    """The least bf16 / fp32 time of a path, from its fp32 per-op profile: every GEMM and convolution sped up as
+    much as the peaks allow (`bounds`: bf16 time / fp32 time at peak, per kind) and everything else unchanged. The
+    rest (gathers, softmaxes, norms, copies) is memory- and latency-bound and measured no faster in bf16."""
+    spent: dict = defaultdict(float)
+    for op, ms in fp32_ops.items():
+        spent[arithmetic_kind(op)] += ms
+    whole = sum(spent.values()) or 1.0
+    return (spent["conv"] * bounds["conv"] + spent["GEMM"] * bounds["GEMM"] + spent["rest"]) / whole
+
+
 def ort_profile(path: Path, feed: dict, threads: int) -> dict:
     """({group: ms}, {op type: ms}) of one run under ONNX Runtime's profiler (text encoder: nodes under /bert/)."""
     profiled = session(path, threads, str(path.with_suffix("")))
@@ -458,12 +481,25 @@ def main(argv=None) -> dict:
             print(f"  {name:<12} {row['ms']:9.1f} {row['gflop']:8.2f} {rate:8.1f} {dtype[name]:>12} "
                   f"{share:8.1%} {row['vs_fp32']:7.2f} {row['faults']:8.0f}")
 
+        def profile_of(name: str):
+            return torch_profile(model if name.startswith("train") else inference, runs[name])
+
+        # How close bf16 can come to half of fp32's time on this machine, from the fp32 paths' profiles.
+        fp32_profiles = {name: profile_of(name) for name in ("train fp32", "eager fp32")}
+        floors = {name.replace("fp32", "bf16"): bf16_floor(ops, bounds) for name, (_, ops) in fp32_profiles.items()}
+        print(f"\nbf16 floor from the fp32 profiles (GEMMs at {bounds['GEMM']:.2f}x and convolutions at "
+              f"{bounds['conv']:.2f}x their fp32 time, the peaks' ratios; everything else unchanged): "
+              + ", ".join(f"{name} {floor:.2f}x (measured {table[name]['vs_fp32']:.2f}x)"
+                          for name, floor in floors.items()))
+        for name, floor in floors.items():
+            table[name]["bf16_floor"] = floor
+
         # The two slowest paths, and INT8, whose gap to the int8 peak the profile explains.
         profiled = sorted(runs, key=lambda n: -medians[n])[:2]
         profiled += [name for name in ("ort int8",) if name in runs and name not in profiled]
         for name in profiled:
             if not name.startswith("ort"):
-                groups, ops = torch_profile(model if name.startswith("train") else inference, runs[name])
+                groups, ops = fp32_profiles[name] if name in fp32_profiles else profile_of(name)
             else:
                 path = files[name]
                 groups, ops = ort_profile(path, {i.name: feed[i.name] for i in session(path, 1).get_inputs()},

@@ -34,6 +34,17 @@ def test_ops_fall_into_the_profile_groups():
     assert roofline.group_of("aten::layer_norm", set()) == "rest"
 
 
+def test_the_bf16_floor_speeds_up_only_gemms_and_convolutions_by_the_peaks_ratios():
+    assert [roofline.arithmetic_kind(op) for op in ("aten::convolution_backward", "aten::mkldnn_convolution",
+                                                    "aten::addmm", "aten::bmm", "FusedMatMul", "Gemm",
+                                                    "aten::_softmax", "_MSDeformAttnCPU")] == [
+        "conv", "conv", "GEMM", "GEMM", "GEMM", "GEMM", "rest", "rest"]
+    fp32_ms = {"aten::mkldnn_convolution": 40.0, "aten::convolution_backward": 10.0, "aten::addmm": 30.0,
+               "aten::_softmax": 20.0}
+    floor = roofline.bf16_floor(fp32_ms, {"conv": 0.5, "GEMM": 0.4})
+    assert floor == (50 * 0.5 + 30 * 0.4 + 20) / 100
+
+
 def test_roofline_runs_end_to_end_at_a_tiny_size(capsys):
     result = roofline.main(["--size", "96x96", "--train-size", "96", "--train-batch", "1", "--runs", "1",
                             "--peak-size", "64", "--skip-ort"])
@@ -44,7 +55,9 @@ def test_roofline_runs_end_to_end_at_a_tiny_size(capsys):
     assert set(result["bf16_bounds"]) == {"GEMM", "conv"} and all(v > 0 for v in result["bf16_bounds"].values())
     profiled = [row["profile"] for row in result["paths"].values() if "profile" in row]
     assert len(profiled) == 2 and all(set(groups) <= set(roofline.GROUPS) for groups in profiled)
-    assert "where" in capsys.readouterr().out
+    assert all(result["paths"][name]["bf16_floor"] > 0 for name in ("train bf16", "eager bf16"))
+    out = capsys.readouterr().out
+    assert "where" in out and "bf16 floor" in out
 
 
 def test_eager_paths_get_the_tokens_the_inference_action_gives():
