@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -280,13 +281,23 @@ def onnx_files(model, cfg, folder: Path, width: int, height: int, batch: int) ->
 # where the time goes
 
 
+def arithmetic_kind(op: str) -> str:
+    """"conv", "GEMM" or "rest": which peak bounds a profiled op (forward and backward alike)."""
+    low = op.lower()
+    if "conv" in low:
+        return "conv"
+    if any(key in low for key in ("mm", "linear", "matmul", "gemm")):
+        return "GEMM"
+    return "rest"
+
+
 def group_of(name: str, inside: set) -> str:
     """GROUPS entry of a profiled op; `inside` names the marked modules the op ran in."""
     if "text" in inside:
         return "text encoder"
-    low = name.lower()
-    if any(key in low for key in ("mm", "conv", "linear", "matmul", "gemm")):
+    if arithmetic_kind(name) != "rest":
         return "GEMM/conv"
+    low = name.lower()
     if "msda" in inside or any(key in low for key in ("deformattn", "grid_sampler", "gridsample")):
         return "deformable attention"
     return "rest"
@@ -338,16 +349,6 @@ def torch_profile(model, run) -> dict:
         groups[group_of(event.name, inside)] += event.self_cpu_time_total / 1000
         ops[event.name] += event.self_cpu_time_total / 1000
     return dict(groups), dict(ops)
-
-
-def arithmetic_kind(op: str) -> str:
-    """"conv", "GEMM" or "rest": which peak bounds a profiled op (forward and backward alike)."""
-    low = op.lower()
-    if "conv" in low:
-        return "conv"
-    if any(key in low for key in ("mm", "linear", "matmul", "gemm")):
-        return "GEMM"
-    return "rest"
 
 
 def bf16_floor(fp32_ops: dict, bounds: dict) -> float:
@@ -481,12 +482,13 @@ def main(argv=None) -> dict:
             print(f"  {name:<12} {row['ms']:9.1f} {row['gflop']:8.2f} {rate:8.1f} {dtype[name]:>12} "
                   f"{share:8.1%} {row['vs_fp32']:7.2f} {row['faults']:8.0f}")
 
+        @functools.cache
         def profile_of(name: str):
             return torch_profile(model if name.startswith("train") else inference, runs[name])
 
         # How close bf16 can come to half of fp32's time on this machine, from the fp32 paths' profiles.
-        fp32_profiles = {name: profile_of(name) for name in ("train fp32", "eager fp32")}
-        floors = {name.replace("fp32", "bf16"): bf16_floor(ops, bounds) for name, (_, ops) in fp32_profiles.items()}
+        floors = {name.replace("fp32", "bf16"): bf16_floor(profile_of(name)[1], bounds)
+                  for name in ("train fp32", "eager fp32")}
         print(f"\nbf16 floor from the fp32 profiles (GEMMs at {bounds['GEMM']:.2f}x and convolutions at "
               f"{bounds['conv']:.2f}x their fp32 time, the peaks' ratios; everything else unchanged): "
               + ", ".join(f"{name} {floor:.2f}x (measured {table[name]['vs_fp32']:.2f}x)"
@@ -499,7 +501,7 @@ def main(argv=None) -> dict:
         profiled += [name for name in ("ort int8",) if name in runs and name not in profiled]
         for name in profiled:
             if not name.startswith("ort"):
-                groups, ops = fp32_profiles[name] if name in fp32_profiles else profile_of(name)
+                groups, ops = profile_of(name)
             else:
                 path = files[name]
                 groups, ops = ort_profile(path, {i.name: feed[i.name] for i in session(path, 1).get_inputs()},
